@@ -1,0 +1,164 @@
+"""The ``frugalseg`` command line. Each command parses, calls one library function and prints the result.
+
+Bad input ends with one line on stderr naming the file or option and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import typer
+
+from frugalseg.errors import EXIT_USAGE, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Label-efficient medical image segmentation.")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Turn user errors, I/O errors and Ctrl-C into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted (a training run continues with --resume)", 130)
+        except OSError as exc:
+            where = exc.filename or "output"
+            _fail(f"{where}: {exc.strerror or exc}")
+
+    return wrapper
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _table(results: dict, title: str) -> str:
+    names = list(results["per_class_dice"])
+    width = max(12, *(len(c["case"]) for c in results["cases"]))
+    lines = [title, f"{'case':<{width}} " + " ".join(f"{n:>10}" for n in names) + f" {'mean':>8}"]
+    for c in results["cases"]:
+        vals = [c["dice"][n] for n in names]
+        lines.append(f"{c['case']:<{width}} " + " ".join(f"{v:>10.3f}" for v in vals)
+                     + f" {sum(vals) / len(vals):>8.3f}")
+    lines.append(f"{'mean':<{width}} " + " ".join(f"{results['per_class_dice'][n]:>10.3f}" for n in names)
+                 + f" {results['mean_dice']:>8.3f}")
+    lines.append(f"mean Dice {results['mean_dice']:.4f} (sd over volumes {results['sd_dice']:.4f}), "
+                 f"mean HD95 {results['mean_hd95']:.2f} mm, {results['n_cases']} volumes")
+    return "\n".join(lines)
+
+
+DataOpt = typer.Option(..., "--data", help="Dataset folder (Decathlon/nnU-Net raw or SSL4MIS HDF5).")
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=500 (repeatable).")
+
+
+@app.command()
+@_guard
+def train(
+    data: Path = DataOpt,
+    method: str = typer.Option("supervised", "--method", help="A registered method (see `frugalseg methods`)."),
+    labeled: int = typer.Option(..., "--labeled", help="Number of labelled training volumes."),
+    seed: int = typer.Option(0, "--seed", help="Seed: picks the labelled volumes and drives training."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create."),
+    init: Path | None = typer.Option(None, "--init", help="Pre-trained weights to start from."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file of config overrides."),
+    set_: list[str] | None = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing run directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train a network with N labelled volumes."""
+    from frugalseg.run import train as run_train
+
+    summary = run_train(data, method, labeled, seed, out, init, config, set_ or [], resume, force,
+                        show_progress=not quiet, report=_say)
+    typer.echo(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
+               f"(labelled: {', '.join(summary['labelled_cases'])}); model in {summary['run_dir']}/model.pt")
+
+
+@app.command()
+@_guard
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    data: Path = DataOpt,
+    split: str = typer.Option("val", "--split", help="val | test | all (| train)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Dice and HD95 per case and class; writes RUN_DIR/eval_<split>.json."""
+    from frugalseg.eval.evaluate import evaluate_run
+
+    results = evaluate_run(run_dir, data, split, show_progress=not quiet)
+    typer.echo(_table(results, f"{run_dir} on {split}:"))
+    typer.echo(f"written {Path(run_dir) / f'eval_{split}.json'}")
+
+
+@app.command()
+@_guard
+def predict(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    input: Path = typer.Argument(..., help="Input image (NIfTI)."),
+    output: Path = typer.Argument(..., help="Output label map (NIfTI); same shape and affine as the input."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+) -> None:
+    """Segment one image."""
+    from frugalseg.eval.predict import predict_file
+
+    predict_file(run_dir, input, output, force)
+    typer.echo(f"written {output}")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods."""
+    import importlib
+
+    from frugalseg.registry import METHODS
+
+    for name, target in METHODS.items():
+        module, attr = target.split(":")
+        doc = (getattr(importlib.import_module(module), attr).__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:<16} {doc[0] if doc else ''}")
+
+
+@app.command()
+@_guard
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the demo's data, run and figures."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a previous demo folder."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """The main job on synthetic phantoms: train with 2 labelled volumes, evaluate on unseen phantoms."""
+    from frugalseg.run import demo as run_demo
+
+    result = run_demo(out, force, show_progress=not quiet, report=_say)
+    typer.echo(_table(result["eval"], "Dice on unseen test phantoms (supervised, 2 labelled volumes):"))
+    typer.echo(f"figures: {out / 'learning_curve.png'}, {out / 'prediction_overlay.png'}")
+
+
+@app.command("config")
+@_guard
+def show_config(
+    data: Path = DataOpt,
+    config: Path | None = typer.Option(None, "--config", help="YAML file of config overrides."),
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """Print the resolved configuration a `train` on --data would use."""
+    from frugalseg.run import dump_config, resolved_config
+
+    typer.echo(dump_config(resolved_config(data, config, set_ or [])))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="frugalseg")
+    sys.exit(0)

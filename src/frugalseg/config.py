@@ -1,0 +1,320 @@
+"""Typed configuration: dataclass defaults <- preset YAML <- ``--config`` file <- ``--set key=value``.
+
+Unknown keys and wrongly typed values are rejected with a :class:`~frugalseg.errors.UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from frugalseg.errors import UserError
+
+
+@dataclass
+class AugmentConfig:
+    """Batched spatial and intensity augmentation (one ``affine_grid`` + ``grid_sample`` per batch)."""
+
+    rotate_degrees: float = 15.0
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.25])
+    flip: bool = False
+    elastic: float = 0.0
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    brightness: float = 0.1
+    contrast: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    noise_std: float = 0.05
+    probability: float = 0.8
+
+
+@dataclass
+class DataConfig:
+    """How volumes become training batches."""
+
+    spatial_dims: int = 2
+    patch_size: list[int] = field(default_factory=lambda: [160, 160])
+    batch_size: int = 16
+    normalisation: str = "zscore"
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    spacing: list[float] | None = None
+    foreground_oversample: float = 0.33
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Network choice and size."""
+
+    name: str = "unet"
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320])
+    skip: bool = True
+    norm: str = "instance"
+    dropout: float = 0.0
+    swin_feature_size: int = 24
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (linear warm-up then cosine / poly / constant)."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.99
+    schedule: str = "poly"
+    warmup_steps: int = 50
+    poly_power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 2000
+    accumulate: int = 1
+    grad_clip: float = 12.0
+    bf16: bool = True
+    channels_last: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 250
+    num_threads: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Inference settings used by ``evaluate`` and ``predict``."""
+
+    sw_overlap: float = 0.5
+    sw_batch_size: int = 4
+    slice_batch_size: int = 16
+
+
+@dataclass
+class Config:
+    """A resolved run configuration (written to ``RUN_DIR/config.yaml``)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def configs_dir() -> Path:
+    """The folder of shipped YAML files (inside the wheel, else the source checkout)."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce: int -> float) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            return False, value
+        out = []
+        for item in value:
+            ok, v = _type_ok(item, inner)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict:
+        return isinstance(value, dict), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int | float):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"{source}: unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: config key '{dotted}' must be a mapping, got {value!r}")
+            _merge(current, value, dotted + ".", source)
+            continue
+        if key == "method" and isinstance(value, dict):
+            merged = dict(current)
+            merged.update(value)
+            setattr(obj, key, merged)
+            continue
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            tname = getattr(hints[key], "__name__", str(hints[key])).replace("typing.", "")
+            raise UserError(f"{source}: config key '{dotted}' expects {tname}, got {value!r}")
+        setattr(obj, key, coerced)
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def parse_set(items: list[str]) -> list[dict[str, Any]]:
+    """Parse ``--set a.b=value`` items (values are YAML scalars/lists) into nested dicts."""
+    parsed = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append(_nest(key, value))
+    return parsed
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning any problem into a one-line :class:`UserError`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must hold a mapping of keys")
+    return data
+
+
+def preset_path(spatial_dims: int) -> Path:
+    return configs_dir() / f"default-{spatial_dims}d.yaml"
+
+
+def build_config(
+    spatial_dims: int,
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+    extra: list[dict[str, Any]] | None = None,
+) -> Config:
+    """Resolve a :class:`Config` from the default preset for ``spatial_dims``, a file and overrides.
+
+    Order (later wins): dataclass defaults, ``configs/default-{2,3}d.yaml``, ``extra`` mappings (e.g. a recipe
+    stage), ``config_file``, ``--set`` overrides. A file or ``--set`` that sets ``data.spatial_dims`` switches the
+    preset first.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for item in extra or []:
+        layers.append(("recipe", item))
+    if config_file is not None:
+        layers.append((str(config_file), read_yaml(config_file)))
+    sets = parse_set(overrides or [])
+    for item in sets:
+        layers.append(("--set", item))
+    for _, layer in layers:
+        dims = layer.get("data", {}).get("spatial_dims") if isinstance(layer.get("data"), dict) else None
+        if dims is not None:
+            if dims not in (2, 3):
+                raise UserError(f"config key 'data.spatial_dims' must be 2 or 3, got {dims!r}")
+            spatial_dims = dims
+    cfg = Config()
+    _merge(cfg, read_yaml(preset_path(spatial_dims)), "", str(preset_path(spatial_dims).name))
+    for source, layer in layers:
+        _merge(cfg, layer, "", source)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config.yaml") -> Config:
+    """Rebuild a :class:`Config` saved in a run directory."""
+    cfg = Config()
+    _merge(cfg, data, "", source)
+    return cfg
+
+
+_CHOICES = {
+    "data.normalisation": ("zscore", "percentile", "minmax", "none", "ct:abdomen", "ct:head-neck", "ct:chest"),
+    "model.norm": ("instance", "batch"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("cosine", "poly", "constant"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    values = {
+        "data.normalisation": cfg.data.normalisation,
+        "model.norm": cfg.model.norm,
+        "optim.name": cfg.optim.name,
+        "optim.schedule": cfg.optim.schedule,
+    }
+    for key, value in values.items():
+        if value not in _CHOICES[key]:
+            raise UserError(f"config key '{key}' must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if cfg.data.spatial_dims not in (2, 3):
+        raise UserError(f"config key 'data.spatial_dims' must be 2 or 3, got {cfg.data.spatial_dims}")
+    if len(cfg.data.patch_size) != cfg.data.spatial_dims:
+        raise UserError(
+            f"config key 'data.patch_size' needs {cfg.data.spatial_dims} values for spatial_dims="
+            f"{cfg.data.spatial_dims}, got {cfg.data.patch_size}"
+        )
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "train.steps": cfg.train.steps,
+        "train.accumulate": cfg.train.accumulate,
+        "train.log_every": cfg.train.log_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {value}")
+    if any(p <= 0 for p in cfg.data.patch_size):
+        raise UserError(f"config key 'data.patch_size' must be positive, got {cfg.data.patch_size}")
+    if len(cfg.model.channels) < 2:
+        raise UserError("config key 'model.channels' needs at least 2 levels")
+    if cfg.data.spacing is not None and (
+        len(cfg.data.spacing) != 3 or any(s <= 0 for s in cfg.data.spacing)
+    ):
+        raise UserError(f"config key 'data.spacing' must be 3 positive numbers, got {cfg.data.spacing}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data layer: readers, preprocessing, few-label splits, batch sampling and augmentation, synthetic phantoms."""

@@ -1,0 +1,102 @@
+"""Batched augmentation as tensor ops: one ``affine_grid`` + ``grid_sample`` per batch, then flips and intensity.
+
+Each random function draws from an explicit ``torch.Generator`` and returns the parameters it drew, so a view is
+reproducible and later methods can derive targets from the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from frugalseg.config import AugmentConfig
+
+
+def _rotation(angles: torch.Tensor, dims: int) -> torch.Tensor:
+    """``(B, dims, dims)`` rotation matrices; 2D uses ``angles[:, 0]``, 3D composes rotations about each axis."""
+    b = angles.shape[0]
+    c, s = torch.cos(angles), torch.sin(angles)
+    if dims == 2:
+        return torch.stack([torch.stack([c[:, 0], -s[:, 0]], -1), torch.stack([s[:, 0], c[:, 0]], -1)], 1)
+    one, zero = torch.ones(b), torch.zeros(b)
+    rx = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, c[:, 0], -s[:, 0]], -1),
+                      torch.stack([zero, s[:, 0], c[:, 0]], -1)], 1)
+    ry = torch.stack([torch.stack([c[:, 1], zero, s[:, 1]], -1), torch.stack([zero, one, zero], -1),
+                      torch.stack([-s[:, 1], zero, c[:, 1]], -1)], 1)
+    rz = torch.stack([torch.stack([c[:, 2], -s[:, 2], zero], -1), torch.stack([s[:, 2], c[:, 2], zero], -1),
+                      torch.stack([zero, zero, one], -1)], 1)
+    return rz @ ry @ rx
+
+
+def draw_spatial(batch: int, dims: int, cfg: AugmentConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Draw per-sample rotation angles (radians), isotropic scale and flip masks."""
+    apply = torch.rand(batch, generator=gen) < cfg.probability
+    max_angle = math.radians(cfg.rotate_degrees)
+    angles = (torch.rand(batch, 3, generator=gen) * 2 - 1) * max_angle * apply[:, None]
+    lo, hi = cfg.scale
+    scale = torch.where(apply, lo + (hi - lo) * torch.rand(batch, generator=gen), torch.ones(batch))
+    flips = (torch.rand(batch, dims, generator=gen) < 0.5) & cfg.flip
+    return {"angles": angles, "scale": scale, "flips": flips}
+
+
+def apply_spatial(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    params: dict[str, torch.Tensor],
+    out_size: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resample a window batch ``(B, C, *W)`` to ``(B, C, *out_size)`` with the drawn rotation/scale, then flip.
+
+    The output is centred in the window; with scale 1 and no rotation it is the central ``out_size`` crop.
+    A scale ``s > 1`` zooms in (the patch covers ``1/s`` of the nominal field of view).
+    """
+    b, dims = image.shape[0], image.dim() - 2
+    window = image.shape[2:]
+    # affine_grid works in (x, y[, z]) order, i.e. reversed spatial axes
+    ratio = torch.tensor([o / w for o, w in zip(out_size, window)][::-1], dtype=torch.float32)
+    theta = _rotation(params["angles"], dims) @ torch.diag_embed(ratio.expand(b, dims) / params["scale"][:, None])
+    theta = torch.cat([theta, torch.zeros(b, dims, 1)], dim=2)
+    grid = F.affine_grid(theta, [b, 1, *out_size], align_corners=False)
+    out_img = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out_lab = None
+    if label is not None:
+        out_lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                align_corners=False)[:, 0].round().long()
+    flips = params["flips"]
+    for axis in range(dims):
+        m = flips[:, axis]
+        if m.any():
+            out_img[m] = out_img[m].flip(axis + 1)
+            if out_lab is not None:
+                out_lab[m] = out_lab[m].flip(axis)
+    return out_img, out_lab
+
+
+def draw_intensity(batch: int, cfg: AugmentConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(batch, generator=gen)
+
+    apply = torch.rand(batch, 4, generator=gen) < cfg.probability
+    return {
+        "contrast": torch.where(apply[:, 0], uniform(*cfg.contrast), torch.ones(batch)),
+        "brightness": torch.where(apply[:, 1], uniform(-cfg.brightness, cfg.brightness), torch.zeros(batch)),
+        "gamma": torch.where(apply[:, 2], uniform(*cfg.gamma), torch.ones(batch)),
+        "noise_std": torch.where(apply[:, 3], uniform(0.0, cfg.noise_std), torch.zeros(batch)),
+    }
+
+
+def apply_intensity(image: torch.Tensor, params: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+    """Contrast around the sample mean, gamma on the sample's [min, max] range, brightness shift, Gaussian noise."""
+    b = image.shape[0]
+    shape = (b,) + (1,) * (image.dim() - 1)
+    flat = image.reshape(b, -1)
+    mean = flat.mean(1).view(shape)
+    image = (image - mean) * params["contrast"].view(shape) + mean
+    lo, hi = flat.amin(1).view(shape), flat.amax(1).view(shape)
+    rng = (hi - lo).clamp_min(1e-6)
+    image = ((image - lo) / rng).clamp(0, 1).pow(params["gamma"].view(shape)) * rng + lo
+    image = image + params["brightness"].view(shape)
+    noise = torch.randn(image.shape, generator=gen) * params["noise_std"].view(shape)
+    return image + noise

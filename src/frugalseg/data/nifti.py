@@ -1,0 +1,50 @@
+"""NIfTI input/output (nibabel), affine-aware, with one-line errors."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from frugalseg.errors import UserError
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Read a NIfTI file fully. Returns ``(array, affine, spacing)``; any failure is a :class:`UserError`."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    except Exception as exc:  # nibabel raises many types for corrupt/truncated files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot read NIfTI ({reason})") from None
+    if data.ndim < 2:
+        raise UserError(f"{path}: expected an image with at least 2 dimensions, got shape {data.shape}")
+    return data, affine, zooms
+
+
+def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, dtype=np.uint8) -> None:
+    """Write a NIfTI file through a temporary file in the same folder, then rename (never half-written)."""
+    import nibabel as nib
+
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        img = nib.Nifti1Image(array.astype(dtype), affine)
+        img.header.set_data_dtype(dtype)
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

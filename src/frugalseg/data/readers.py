@@ -1,0 +1,319 @@
+"""Dataset readers, auto-detected from the folder given to ``--data``.
+
+* Decathlon / nnU-Net raw: ``dataset.json`` + ``imagesTr/`` + ``labelsTr/`` (NIfTI).
+* SSL4MIS HDF5 (ACDC): ``train.list``, ``val.list``, optional ``test.list``, ``data/*.h5``; training frames exist
+  only as slice files ``<frame>_slice_<k>.h5`` and are rebuilt by stacking slices ``1..N``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from frugalseg.data.checks import check_affines, check_image, check_label, check_pair
+from frugalseg.data.nifti import read_nifti
+from frugalseg.data.volume import Volume
+from frugalseg.errors import UserError
+
+SPLITS = ("train", "val", "test", "all")
+VALIDATION_FRACTION = 0.2
+VALIDATION_SEED = 20201207  # fixed, independent of any run's seed
+
+
+@dataclass
+class DataSource:
+    """What a reader knows about a dataset folder. ``load`` reads and checks one case."""
+
+    root: Path
+    format: str
+    class_names: list[str]
+    in_channels: int
+    splits: dict[str, list[str]]
+    labelled_pool: list[str]
+    groups: dict[str, str] = field(default_factory=dict)
+    default_spatial_dims: int = 3
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def cases(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise UserError(f"--split: unknown split {split!r} (choose from {', '.join(SPLITS)})")
+        if split == "all":
+            seen: dict[str, None] = {}
+            for name in ("train", "val", "test"):
+                for case in self.splits.get(name, []):
+                    seen[case] = None
+            return list(seen)
+        return list(self.splits.get(split, []))
+
+    def load(self, case_id: str, with_label: bool = True) -> Volume:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+
+class DecathlonSource(DataSource):
+    """Decathlon (``labels`` index->name) or nnU-Net v2 raw (``labels`` name->index, ``_0000`` channels)."""
+
+    def __init__(self, root: Path) -> None:
+        meta_path = root / "dataset.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except OSError as exc:
+            raise UserError(f"{meta_path}: cannot read ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{meta_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{meta_path}: expected a JSON object")
+        class_names = _class_names(meta.get("labels"), meta_path)
+        channels = meta.get("modality") or meta.get("channel_names") or {"0": "image"}
+        self._images: dict[str, list[Path]] = {}
+        self._labels: dict[str, Path | None] = {}
+        self.file_ending = meta.get("file_ending", ".nii.gz")
+        train = self._entries(meta.get("training"), root, meta_path, "training", len(channels))
+        if not train:
+            raise UserError(f"{meta_path}: no labelled training case listed and none found in labelsTr/")
+        val_entry = meta.get("validation")
+        if val_entry:
+            val = self._entries(val_entry, root, meta_path, "validation", len(channels))
+            train = [c for c in train if c not in set(val)]
+        else:
+            ordered = sorted(train)
+            rng = np.random.default_rng(VALIDATION_SEED)
+            n_val = max(1, round(VALIDATION_FRACTION * len(ordered))) if len(ordered) > 1 else 0
+            picked = set(rng.permutation(len(ordered))[:n_val].tolist())
+            val = [c for i, c in enumerate(ordered) if i in picked]
+            train = [c for i, c in enumerate(ordered) if i not in picked]
+        test = [c for c in self._entries(meta.get("test"), root, meta_path, "test", len(channels), False)
+                if self._labels.get(c) is not None]
+        super().__init__(
+            root=root,
+            format="decathlon",
+            class_names=class_names,
+            in_channels=len(channels),
+            splits={"train": sorted(train), "val": sorted(val), "test": sorted(test)},
+            labelled_pool=sorted(train),
+            groups={c: c for c in self._images},
+            default_spatial_dims=2 if str(meta.get("tensorImageSize", "3D")).upper() == "2D" else 3,
+        )
+
+    def _entries(self, entries, root: Path, meta_path: Path, key: str, n_channels: int,
+                 need_label: bool = True) -> list[str]:
+        cases: list[str] = []
+        if entries is None:
+            if key != "training":
+                return cases
+            # nnU-Net v2 raw: derive cases from labelsTr
+            for lab in sorted((root / "labelsTr").glob(f"*{self.file_ending}")):
+                case = lab.name[: -len(self.file_ending)]
+                imgs = [root / "imagesTr" / f"{case}_{i:04d}{self.file_ending}" for i in range(n_channels)]
+                self._images[case] = imgs
+                self._labels[case] = lab
+                cases.append(case)
+            return cases
+        if not isinstance(entries, list):
+            raise UserError(f"{meta_path}: '{key}' must be a list")
+        for entry in entries:
+            if isinstance(entry, str):
+                if entry.endswith((".nii", ".nii.gz")):  # Decathlon test lists hold bare image paths
+                    entry = {"image": entry}
+                else:
+                    cases.append(entry)  # a case id already listed under "training"
+                    continue
+            if not isinstance(entry, dict) or "image" not in entry:
+                raise UserError(f"{meta_path}: each '{key}' entry needs an 'image' path")
+            image = self._inside(root, entry["image"], meta_path)
+            label = self._inside(root, entry["label"], meta_path) if entry.get("label") else None
+            if need_label and label is None:
+                raise UserError(f"{meta_path}: '{key}' entry {entry['image']} has no 'label'")
+            case = _case_id(image)
+            self._images[case] = [image]
+            self._labels[case] = label
+            cases.append(case)
+        return cases
+
+    @staticmethod
+    def _inside(root: Path, rel: str, meta_path: Path) -> Path:
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root.resolve()):
+            raise UserError(f"{meta_path}: path {rel!r} leaves the dataset folder")
+        return path
+
+    def load(self, case_id: str, with_label: bool = True) -> Volume:
+        if case_id not in self._images:
+            raise UserError(f"{self.root}: unknown case {case_id!r}")
+        arrays, affine, spacing = [], None, None
+        for path in self._images[case_id]:
+            data, aff, zooms = read_nifti(path)
+            data = check_image(data, path)
+            if data.ndim == 4:  # Decathlon multi-modal: (X, Y, Z, C)
+                arrays.extend(np.moveaxis(data, -1, 0))
+            elif data.ndim in (2, 3):
+                arrays.append(data)
+            else:
+                raise UserError(f"{path}: unsupported image shape {data.shape}")
+            if affine is None:
+                affine, spacing = aff, zooms
+        image = np.stack(arrays).astype(np.float32)
+        if image.shape[0] != self.in_channels:
+            raise UserError(
+                f"{self._images[case_id][0]}: image has {image.shape[0]} channel(s), dataset.json declares "
+                f"{self.in_channels}"
+            )
+        spacing = tuple(spacing[: image.ndim - 1]) if spacing else (1.0,) * (image.ndim - 1)
+        if any(not np.isfinite(s) or s <= 0 for s in spacing):
+            raise UserError(f"{self._images[case_id][0]}: voxel spacing {spacing} is missing or not positive")
+        label = None
+        label_path = self._labels.get(case_id)
+        if with_label and label_path is not None:
+            lab, lab_aff, _ = read_nifti(label_path)
+            check_pair(image.shape[1:], lab.shape, label_path)
+            check_affines(affine, lab_aff, label_path)
+            label = check_label(lab, label_path, self.num_classes)
+        return Volume(case_id, image, label, affine, spacing)
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _class_names(labels, meta_path: Path) -> list[str]:
+    if not isinstance(labels, dict) or not labels:
+        raise UserError(f"{meta_path}: missing or empty 'labels'")
+    pairs: dict[int, str] = {}
+    for k, v in labels.items():
+        if str(k).lstrip("-").isdigit():  # Decathlon: {"0": "background"}
+            pairs[int(k)] = str(v)
+        elif isinstance(v, int):  # nnU-Net v2: {"background": 0}
+            pairs[v] = str(k)
+        else:
+            raise UserError(f"{meta_path}: cannot read label entry {k!r}: {v!r}")
+    if sorted(pairs) != list(range(len(pairs))):
+        raise UserError(f"{meta_path}: label indices must be 0..K-1, got {sorted(pairs)}")
+    if len(pairs) < 2:
+        raise UserError(f"{meta_path}: need background and at least one foreground class")
+    return [pairs[i] for i in range(len(pairs))]
+
+
+_SLICE = re.compile(r"^(?P<frame>.+)_slice_(?P<k>\d+)\.h5$")
+ACDC_CLASSES = ["background", "RV", "Myo", "LV"]
+
+
+class SSL4MISSource(DataSource):
+    """The SSL4MIS ACDC layout. Labelled pool = end-diastolic frames (``frame01``) of training patients."""
+
+    def __init__(self, root: Path) -> None:
+        data_dir = root / "data"
+        if not data_dir.is_dir():
+            raise UserError(f"{root}: SSL4MIS layout needs a data/ folder")
+        splits: dict[str, list[str]] = {}
+        for name in ("train", "val", "test"):
+            lst = root / f"{name}.list"
+            if lst.is_file():
+                try:
+                    splits[name] = [ln.strip() for ln in lst.read_text().splitlines() if ln.strip()]
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise UserError(f"{lst}: cannot read ({exc})") from None
+        if not splits.get("train"):
+            raise UserError(f"{root / 'train.list'}: missing or empty")
+        self._slices: dict[str, list[Path]] = {}
+        by_frame: dict[str, dict[int, Path]] = {}
+        for path in data_dir.glob("*_slice_*.h5"):
+            m = _SLICE.match(path.name)
+            if m:
+                by_frame.setdefault(m["frame"], {})[int(m["k"])] = path
+        for frame, slices in by_frame.items():
+            n = max(slices)
+            if sorted(slices) != list(range(1, n + 1)):
+                missing = sorted(set(range(1, n + 1)) - set(slices))
+                raise UserError(f"{data_dir}: frame {frame} is missing slice file(s) {missing}")
+            self._slices[frame] = [slices[k] for k in range(1, n + 1)]
+        for name, cases in splits.items():
+            for case in cases:
+                if case not in self._slices and not (data_dir / f"{case}.h5").is_file():
+                    raise UserError(f"{root / (name + '.list')}: case {case} has no file in data/")
+        pool = [c for c in splits["train"] if c.endswith("frame01")]
+        super().__init__(
+            root=root,
+            format="ssl4mis_h5",
+            class_names=list(ACDC_CLASSES),
+            in_channels=1,
+            splits=splits,
+            labelled_pool=pool,
+            groups={c: c.split("_frame")[0] for cases in splits.values() for c in cases},
+            default_spatial_dims=2,
+        )
+
+    def _read_h5(self, path: Path, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                if "image" not in f:
+                    raise UserError(f"{path}: no 'image' dataset")
+                image = np.asarray(f["image"][()])
+                label = np.asarray(f["label"][()]) if with_label and "label" in f else None
+        except UserError:
+            raise
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"{path}: cannot read HDF5 ({reason})") from None
+        return image, label
+
+    def load(self, case_id: str, with_label: bool = True) -> Volume:
+        if case_id in self._slices:
+            images, labels = [], []
+            for path in self._slices[case_id]:
+                img, lab = self._read_h5(path, with_label)
+                if img.ndim != 2:
+                    raise UserError(f"{path}: expected a 2-D slice, got shape {img.shape}")
+                if images and img.shape != images[0].shape:
+                    raise UserError(f"{path}: slice shape {img.shape} differs from slice 1 {images[0].shape}")
+                images.append(check_image(img, path))
+                if lab is not None:
+                    check_pair(img.shape, lab.shape, path)
+                    labels.append(check_label(lab, path, self.num_classes))
+            image = np.stack(images)
+            label = np.stack(labels) if with_label and len(labels) == len(images) else None
+        else:
+            path = self.root / "data" / f"{case_id}.h5"
+            img, lab = self._read_h5(path, with_label)
+            if img.ndim != 3:
+                raise UserError(f"{path}: expected a 3-D volume, got shape {img.shape}")
+            image = check_image(img, path)
+            label = None
+            if lab is not None:
+                check_pair(img.shape, lab.shape, path)
+                label = check_label(lab, path, self.num_classes)
+        # SSL4MIS stores no spacing; slices are along axis 0. Mark that axis as the coarse one.
+        return Volume(case_id, image[None], label, np.eye(4), (10.0, 1.0, 1.0))
+
+
+def open_source(path: Path | str) -> DataSource:
+    """Detect the layout of ``path`` and open it."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"--data {root}: folder not found")
+    if not root.is_dir():
+        raise UserError(f"--data {root}: not a folder")
+    try:
+        names = {p.name for p in root.iterdir()}
+    except OSError as exc:
+        raise UserError(f"--data {root}: cannot read folder ({exc.strerror or exc})") from None
+    if "dataset.json" in names:
+        return DecathlonSource(root)
+    if "train.list" in names and "data" in names:
+        return SSL4MISSource(root)
+    raise UserError(
+        f"--data {root}: unrecognised layout (expected dataset.json + imagesTr/labelsTr, "
+        "or SSL4MIS train.list/val.list + data/*.h5)"
+    )

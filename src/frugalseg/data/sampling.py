@@ -1,0 +1,132 @@
+"""Training batches from cached, preprocessed volumes: 2-D slices or 3-D patches, with augmentation.
+
+Randomness is derived from ``(seed, step)``, so the batch at a step is the same whether or not the run was
+interrupted and resumed; no sampler state needs saving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from frugalseg.config import AugmentConfig
+from frugalseg.data.augment import apply_intensity, apply_spatial, draw_intensity, draw_spatial
+from frugalseg.data.volume import Volume, slice_axis
+
+# the crop window is larger than the patch so rotation and zoom-out have real image to draw from
+WINDOW_FACTOR = math.sqrt(2.0)
+
+
+def as_training_arrays(vol: Volume, spatial_dims: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Put the slice axis first for 2-D training: ``(C, S, H, W)``; 3-D volumes are returned unchanged."""
+    if spatial_dims == 3 or vol.image.ndim == 3:
+        return vol.image, vol.label
+    axis = slice_axis(vol.spacing, vol.spatial_shape)
+    image = np.ascontiguousarray(np.moveaxis(vol.image, axis + 1, 1))
+    label = None if vol.label is None else np.ascontiguousarray(np.moveaxis(vol.label, axis, 0))
+    return image, label
+
+
+class PatchSampler:
+    """Draw augmented batches of 2-D slices or 3-D patches from a list of preprocessed volumes.
+
+    Args:
+        volumes: preprocessed volumes (``image`` ``(C, *spatial)``, ``label`` or ``None``).
+        spatial_dims: 2 = slices along each volume's slice axis, 3 = 3-D patches.
+        patch_size: output patch size.
+        batch_size: samples per batch.
+        seed: base seed; batch ``k`` uses ``(seed, k)``.
+        foreground_oversample: probability that a sample is centred on a labelled foreground voxel.
+        augment: augmentation settings, or ``None`` for plain crops.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[Volume],
+        spatial_dims: int,
+        patch_size: Sequence[int],
+        batch_size: int,
+        seed: int,
+        foreground_oversample: float = 0.33,
+        augment: AugmentConfig | None = None,
+    ) -> None:
+        if not volumes:
+            raise ValueError("PatchSampler needs at least one volume")
+        self.dims = spatial_dims
+        self.patch = tuple(int(p) for p in patch_size)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.fg_prob = foreground_oversample
+        self.augment = augment
+        self.window = tuple(int(math.ceil(p * WINDOW_FACTOR)) if augment else p for p in self.patch)
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray | None] = []
+        self.pad_values: list[np.ndarray] = []
+        self.foreground: list[np.ndarray] = []
+        for vol in volumes:
+            img, lab = as_training_arrays(vol, spatial_dims)
+            self.images.append(img)
+            self.labels.append(lab)
+            self.pad_values.append(img.reshape(img.shape[0], -1).min(1))
+            self.foreground.append(np.argwhere(lab > 0) if lab is not None else np.zeros((0, 3), dtype=np.int64))
+        # 2-D: every slice equally likely; 3-D: every volume equally likely
+        weights = np.array([img.shape[1] if spatial_dims == 2 else 1 for img in self.images], dtype=np.float64)
+        self.volume_p = weights / weights.sum()
+        self.has_labels = all(lab is not None for lab in self.labels)
+
+    def _crop(self, v: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Crop a window (spatial dims in training order) around ``centre``, padding outside the volume."""
+        img, lab = self.images[v], self.labels[v]
+        full = img.shape[1:]
+        if self.dims == 2:
+            win = (1, *self.window)
+        else:
+            win = self.window
+        out_img = np.empty((img.shape[0], *win), dtype=np.float32)
+        out_img[:] = self.pad_values[v].reshape(-1, *([1] * len(win)))
+        out_lab = np.zeros(win, dtype=np.int64) if lab is not None else None
+        src, dst = [], []
+        for c, w, n in zip(centre, win, full):
+            start = int(c) - w // 2
+            lo, hi = max(start, 0), min(start + w, n)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - start, hi - start))
+        out_img[(slice(None), *dst)] = img[(slice(None), *src)]
+        if lab is not None:
+            out_lab[tuple(dst)] = lab[tuple(src)]
+        if self.dims == 2:
+            return out_img[:, 0], (out_lab[0] if out_lab is not None else None)
+        return out_img, out_lab
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch for training step ``step`` (deterministic in ``(seed, step)``)."""
+        rng = np.random.default_rng([self.seed, step])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        images, labels = [], []
+        for _ in range(self.batch_size):
+            v = int(rng.choice(len(self.images), p=self.volume_p))
+            full = self.images[v].shape[1:]
+            fg = self.foreground[v]
+            if len(fg) and rng.random() < self.fg_prob:
+                centre = fg[rng.integers(len(fg))]
+            else:
+                centre = np.array([rng.integers(n) for n in full])
+                if self.dims == 3:  # keep 3-D patches mostly inside small volumes
+                    centre = np.array([rng.integers(min(w // 2, n // 2), max(n - w // 2, n // 2) + 1)
+                                       for w, n in zip(self.window, full)])
+            img, lab = self._crop(v, centre)
+            images.append(img)
+            labels.append(lab)
+        image = torch.from_numpy(np.stack(images))
+        label = torch.from_numpy(np.stack(labels)) if self.has_labels else None
+        if self.augment is not None:
+            params = draw_spatial(self.batch_size, self.dims, self.augment, gen)
+            image, label = apply_spatial(image, label, params, self.patch)
+            image = apply_intensity(image, draw_intensity(self.batch_size, self.augment, gen), gen)
+        out = {"image": image.contiguous()}
+        if label is not None:
+            out["label"] = label
+        return out

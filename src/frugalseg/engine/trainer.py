@@ -1,0 +1,138 @@
+"""The one training loop. It knows nothing about any method: it calls ``training_step`` and steps the optimiser.
+
+Pre-training, supervised, semi-supervised training and fine-tuning all run through :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from frugalseg.config import TrainConfig
+from frugalseg.engine.checkpoint import load_checkpoint, save_atomic
+from frugalseg.engine.tracking import RunLog
+from frugalseg.errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class FitResult:
+    steps: int
+    seconds: float
+    last_loss: float
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for key, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.is_floating_point() and value.dim() in (4, 5):
+            fmt = torch.channels_last if value.dim() == 4 else torch.channels_last_3d
+            value = value.contiguous(memory_format=fmt)
+        out[key] = value
+    return out
+
+
+def _memory_format(method: nn.Module, channels_last: bool) -> None:
+    if not channels_last:
+        return
+    dims = getattr(method.net, "spatial_dims", 2)
+    method.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+
+
+def fit(
+    method: nn.Module,
+    batches: Callable[[int], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+    show_progress: bool = True,
+    description: str = "train",
+) -> FitResult:
+    """Train ``method`` for ``cfg.steps`` optimiser steps; ``batches(i)`` gives the i-th micro-batch.
+
+    Checkpoints (method, optimiser, scheduler, RNG state, step) are written every ``cfg.checkpoint_every``
+    steps and at the end to ``run_dir/checkpoint.pt``; with ``resume=True`` training continues from it, and
+    because batches depend only on their index the result equals an uninterrupted run.
+    """
+    method.to(device)
+    _memory_format(method, cfg.channels_last)
+    ckpt_path = run_dir / CHECKPOINT
+    start = 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        try:
+            method.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(f"{ckpt_path}: incompatible checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        torch.set_rng_state(state["rng"])
+        start = int(state["step"])
+    log = RunLog(run_dir, resume_step=start if resume else None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16
+                else contextlib.nullcontext())
+    total, t0, data_time, last_loss = cfg.steps, time.perf_counter(), 0.0, float("nan")
+    window: dict[str, float] = {}
+    n_window = 0
+    bar = tqdm(range(start, total), initial=start, total=total, desc=description, disable=not show_progress,
+               dynamic_ncols=True, leave=False)
+    method.train()
+    try:
+        for step in bar:
+            progress = step / total
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(cfg.accumulate):
+                t_data = time.perf_counter()
+                batch = _to_device(batches(step * cfg.accumulate + micro), device, cfg.channels_last)
+                data_time += time.perf_counter() - t_data
+                with autocast:
+                    out = method.training_step(batch, progress)
+                loss = out.loss.float()
+                if not torch.isfinite(loss):
+                    raise UserError(f"training diverged: loss is {loss.item()} at step {step}; "
+                                    "lower optim.lr or check the input normalisation")
+                (loss / cfg.accumulate).backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            after = getattr(method, "after_optimizer_step", None)
+            if after is not None:
+                after(progress)
+            last_loss = loss.item()
+            window["loss"] = window.get("loss", 0.0) + last_loss
+            for key, value in out.logs.items():
+                window[key] = window.get(key, 0.0) + float(value)
+            n_window += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                elapsed = time.perf_counter() - t0
+                entry = {k: v / n_window for k, v in window.items()}
+                entry.update(lr=scheduler.get_last_lr()[0], seconds=elapsed,
+                             data_fraction=data_time / max(elapsed, 1e-9))
+                log.write(done, entry)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                window, n_window = {}, 0
+            if done % cfg.checkpoint_every == 0 or done == total:
+                save_atomic({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                             "step": done}, ckpt_path)
+    finally:
+        bar.close()
+        log.close()
+    seconds = time.perf_counter() - t0
+    return FitResult(steps=total - start, seconds=seconds, last_loss=last_loss if math.isfinite(last_loss) else 0.0)

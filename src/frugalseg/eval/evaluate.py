@@ -1,0 +1,76 @@
+"""``frugalseg evaluate``: per-case Dice/HD95 of a trained run on a split, written to ``eval_<split>.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from frugalseg.data.readers import open_source
+from frugalseg.errors import UserError
+from frugalseg.eval.inference import TrainedModel, load_model, segment
+from frugalseg.eval.metrics import case_metrics
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def summarise(cases: list[dict], class_names: list[str]) -> dict:
+    """``mean_dice`` = mean over volumes of the mean foreground Dice; per-class means over volumes."""
+    fg = class_names[1:]
+    per_case = [float(np.mean([c["dice"][k] for k in fg])) for c in cases]
+    return {
+        "mean_dice": float(np.mean(per_case)),
+        "sd_dice": float(np.std(per_case)),
+        "per_class_dice": {k: float(np.mean([c["dice"][k] for c in cases])) for k in fg},
+        "mean_hd95": float(np.mean([np.mean([c["hd95"][k] for k in fg]) for c in cases])),
+        "per_class_hd95": {k: float(np.mean([c["hd95"][k] for c in cases])) for k in fg},
+    }
+
+
+def evaluate_model(model: TrainedModel, data: Path | str, split: str, show_progress: bool = True,
+                   keep_predictions: int = 0) -> tuple[dict, list]:
+    """Evaluate ``model`` on ``split`` of the dataset at ``data``. Returns (results, kept (vol, pred) pairs)."""
+    source = open_source(data)
+    if source.class_names[1:] and len(source.class_names) != len(model.class_names):
+        raise UserError(f"--data {source.root}: {len(source.class_names)} classes, the model was trained "
+                        f"with {len(model.class_names)}")
+    cases = source.cases(split)
+    if not cases:
+        raise UserError(f"--split {split}: no labelled case in {source.root}")
+    results, kept = [], []
+    for case in tqdm(cases, desc=f"evaluate {split}", disable=not show_progress, leave=False):
+        vol = source.load(case)
+        if vol.label is None:
+            raise UserError(f"--split {split}: case {case} has no label")
+        pred = segment(model, vol)
+        m = case_metrics(pred, vol.label, model.class_names, vol.spacing)
+        results.append({"case": case, **m})
+        if len(kept) < keep_predictions:
+            kept.append((vol, pred))
+    summary = summarise(results, model.class_names)
+    return {**summary, "split": split, "data": str(source.root), "n_cases": len(results), "cases": results}, kept
+
+
+def evaluate_run(run_dir: Path, data: Path | str, split: str, show_progress: bool = True) -> dict:
+    model = load_model(run_dir)
+    out = Path(run_dir) / f"eval_{split}.json"
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"{run_dir}: run directory is not writable")
+    results, _ = evaluate_model(model, data, split, show_progress)
+    write_json_atomic(results, out)
+    return results

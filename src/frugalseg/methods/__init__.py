@@ -1,0 +1,1 @@
+"""Training methods: small modules whose ``training_step(batch, progress)`` returns a :class:`StepOutput`."""

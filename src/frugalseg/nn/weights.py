@@ -1,0 +1,88 @@
+"""Loading pre-trained weights by name and shape, with a report; never a silent partial load."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from frugalseg.errors import UserError
+
+WRAPPER_KEYS = ("network", "state_dict", "model", "net", "student")
+PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely (``weights_only=True``) and return its flat tensor state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a loadable PyTorch checkpoint ({reason})") from None
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+            inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not any(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{path}: no tensor state dict found in the checkpoint")
+    state = {}
+    for key, value in obj.items():
+        if not torch.is_tensor(value):
+            continue
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+                f"shape-mismatched {len(self.mismatched)}")
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"loaded": self.loaded, "missing": self.missing, "unexpected": self.unexpected,
+                "mismatched": self.mismatched}
+
+
+def load_pretrained(net: nn.Module, path: Path | str) -> LoadReport:
+    """Copy every tensor whose name and shape match into ``net``; refuse when nothing matches or an encoder
+    parameter is missing (a decoder or head may legitimately differ, e.g. after pre-training)."""
+    state = read_state_dict(path)
+    own = net.state_dict()
+    report = LoadReport()
+    matched = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(own[key].shape) != tuple(value.shape):
+            report.mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(own[key].shape)}")
+        else:
+            matched[key] = value
+            report.loaded.append(key)
+    report.missing = [k for k in own if k not in matched]
+    if not matched:
+        raise UserError(f"--init {path}: no parameter matches the network by name and shape ({report.summary()})")
+    prefixes = getattr(net, "encoder_prefixes", ())
+    enc_missing = [k for k in report.missing if k.startswith(prefixes)]
+    if enc_missing:
+        raise UserError(f"--init {path}: encoder parameter '{enc_missing[0]}' is missing or mismatched "
+                        f"({len(enc_missing)} encoder tensors; {report.summary()})")
+    net.load_state_dict(matched, strict=False)
+    return report

@@ -1,0 +1,46 @@
+"""Name -> implementation tables. Keys are CLI names; values import lazily so ``frugalseg --help`` stays light."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from frugalseg.errors import UserError
+
+METHODS: dict[str, str] = {
+    "supervised": "frugalseg.methods.supervised:Supervised",
+}
+
+NETWORKS: dict[str, str] = {
+    "unet": "frugalseg.nn.unet:UNet",
+    "swinunetr": "frugalseg.nn.swin:SwinUNETRNet",
+}
+
+DATASETS: dict[str, str] = {
+    "decathlon": "frugalseg.data.readers:DecathlonSource",
+    "ssl4mis_h5": "frugalseg.data.readers:SSL4MISSource",
+}
+
+
+def resolve(table: dict[str, str], name: str, option: str) -> Any:
+    if name not in table:
+        raise UserError(f"{option}: unknown name {name!r} (choose from {', '.join(sorted(table))})")
+    module, attr = table[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_network(model_cfg, spatial_dims: int, in_channels: int, out_channels: int):
+    """Instantiate the configured network."""
+    cls = resolve(NETWORKS, model_cfg.name, "model.name")
+    if model_cfg.name == "swinunetr":
+        return cls(spatial_dims, in_channels, out_channels, feature_size=model_cfg.swin_feature_size)
+    return cls(spatial_dims, in_channels, out_channels, channels=model_cfg.channels, skip=model_cfg.skip,
+               norm=model_cfg.norm, dropout=model_cfg.dropout)
+
+
+def build_method(name: str, net, options: dict[str, Any]):
+    cls = resolve(METHODS, name, "--method")
+    try:
+        return cls(net, **options)
+    except TypeError as exc:
+        raise UserError(f"--method {name}: bad option in config 'method' ({exc})") from None

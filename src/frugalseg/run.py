@@ -1,0 +1,194 @@
+"""Composition root: config -> dataset, network, method, optimiser -> ``engine.fit`` -> model file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from frugalseg.config import Config, build_config, config_from_dict, configs_dir, read_yaml, save_config
+from frugalseg.errors import UserError
+
+RUN_MARKER = "run.json"
+
+
+def prepare_dir(out: Path, resume: bool, force: bool, option: str = "--out") -> None:
+    """Create ``out`` for a new run, or check it for ``--resume``. Never overwrites without ``--force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out}: exists and is not a folder")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / RUN_MARKER).is_file():
+            raise UserError(f"{option} {out}: nothing to resume (no {RUN_MARKER} in the folder)")
+        return
+    if non_empty:
+        if not force:
+            raise UserError(f"{option} {out}: already exists; pass --resume to continue it or --force to overwrite")
+        if not (out / RUN_MARKER).is_file() and not (out / "demo.json").is_file():
+            raise UserError(f"{option} {out}: --force only overwrites a frugalseg run folder, and this is not one")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{option} {out}: cannot write ({exc.strerror or exc})") from None
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    from frugalseg.eval.evaluate import write_json_atomic
+
+    write_json_atomic(obj, path)
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import torch
+
+    from frugalseg import __version__
+    from frugalseg.engine.repro import git_revision
+
+    return {"frugalseg": __version__, "git": git_revision(), "torch": torch.__version__,
+            "monai": monai.__version__}
+
+
+def train(
+    data: Path | str,
+    method: str,
+    labeled: int,
+    seed: int,
+    out: Path | str,
+    init: Path | str | None = None,
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    show_progress: bool = True,
+    extra_config: list[dict[str, Any]] | None = None,
+    report=print,
+) -> dict[str, Any]:
+    """Train ``method`` with ``labeled`` volumes picked by ``seed``; write everything to ``out``.
+
+    ``out`` receives ``config.yaml`` (resolved), ``split.json`` (which cases were labelled), ``run.json``
+    (method, data, versions, git revision), ``log.jsonl`` + ``tb/``, ``checkpoint.pt`` and finally ``model.pt``.
+    """
+    import torch
+
+    from frugalseg.data.preprocess import Preprocessor
+    from frugalseg.data.readers import open_source
+    from frugalseg.data.sampling import PatchSampler
+    from frugalseg.data.splits import few_label_split
+    from frugalseg.engine.checkpoint import save_atomic
+    from frugalseg.engine.optim import build_optimizer, build_scheduler
+    from frugalseg.engine.repro import pick_device, seed_everything, set_threads
+    from frugalseg.engine.trainer import fit
+    from frugalseg.engine.tracking import read_log
+    from frugalseg.eval.inference import MODEL_FILE
+    from frugalseg.registry import METHODS, build_method, build_network, resolve
+    from frugalseg.nn.weights import load_pretrained
+
+    out = Path(out)
+    resolve(METHODS, method, "--method")
+    source = open_source(data)
+    if resume:
+        prepare_dir(out, resume=True, force=False)
+        meta = json.loads((out / RUN_MARKER).read_text())
+        for key, value in (("method", method), ("labeled", labeled), ("seed", seed)):
+            if meta.get(key) != value:
+                raise UserError(f"--resume {out}: the run was started with {key}={meta.get(key)!r}, not {value!r}")
+        if meta.get("status") == "finished":
+            raise UserError(f"--resume {out}: this run already finished")
+        cfg = config_from_dict(read_yaml(out / "config.yaml"), str(out / "config.yaml"))
+        split = json.loads((out / "split.json").read_text())
+        init = meta.get("init")
+    else:
+        cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config)
+        split = few_label_split(source, labeled, seed)
+        if init is not None and not Path(init).is_file():
+            raise UserError(f"--init {init}: weights file not found")
+        prepare_dir(out, resume=False, force=force)
+        meta = {"method": method, "labeled": labeled, "seed": seed, "data": str(source.root),
+                "format": source.format, "class_names": source.class_names, "in_channels": source.in_channels,
+                "init": str(init) if init else None, "status": "running", **_versions()}
+        save_config(cfg, out / "config.yaml")
+        _write_json(split, out / "split.json")
+        _write_json(meta, out / RUN_MARKER)
+
+    threads = set_threads(cfg.train.num_threads)
+    seed_everything(seed, cfg.train.deterministic)
+    device = pick_device()
+    pre = Preprocessor(cfg.data.normalisation, tuple(cfg.data.percentiles),
+                       tuple(cfg.data.spacing) if cfg.data.spacing else None)
+    volumes = [pre(source.load(case)) for case in split["labelled_cases"]]
+    if cfg.data.spatial_dims == 3 and any(v.image.ndim != 4 for v in volumes):
+        raise UserError(f"--data {source.root}: 2-D images cannot train a 3-D model (set data.spatial_dims=2)")
+    sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
+                           cfg.data.foreground_oversample, cfg.data.augment)
+    net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
+    if init is not None and not resume:
+        load_report = load_pretrained(net, init)
+        report(f"--init {init}: {load_report.summary()}")
+        _write_json(load_report.to_dict(), out / "init_report.json")
+    module = build_method(method, net, cfg.method)
+    optimizer = build_optimizer(module.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+    t0 = time.perf_counter()
+    result = fit(module, sampler.batch, optimizer, scheduler, cfg.train, out, device, resume=resume,
+                 show_progress=show_progress, description=f"{method} N={labeled} seed={seed}")
+    net_state = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
+    model_meta = {"config": cfg.to_dict(), "class_names": source.class_names, "in_channels": source.in_channels,
+                  "method": method}
+    save_atomic({"network": net_state, "meta": json.dumps(model_meta)}, out / MODEL_FILE)
+    meta["status"] = "finished"
+    meta["train_seconds"] = meta.get("train_seconds", 0.0) + (time.perf_counter() - t0)
+    meta["threads"] = threads
+    _write_json(meta, out / RUN_MARKER)
+    log = read_log(out)
+    if log:
+        from frugalseg.eval.plots import learning_curve
+
+        learning_curve(log, out / "learning_curve.png", f"{method}, {labeled} labelled, seed {seed}")
+    return {"run_dir": str(out), "steps": result.steps, "seconds": meta["train_seconds"],
+            "final_loss": result.last_loss, "labelled_cases": split["labelled_cases"]}
+
+
+def demo(out: Path | str, force: bool = False, show_progress: bool = True, report=print) -> dict[str, Any]:
+    """The main job on the embedded default: phantoms -> 2 labelled volumes -> evaluate on unseen phantoms."""
+    from frugalseg.data.synthetic import write_phantoms
+    from frugalseg.eval.evaluate import evaluate_model
+    from frugalseg.eval.inference import load_model
+    from frugalseg.eval.plots import overlay
+
+    out = Path(out)
+    prepare_dir(out, resume=False, force=force)
+    _write_json({"kind": "frugalseg demo"}, out / "demo.json")
+    report(f"writing synthetic phantoms to {out / 'data'}")
+    data = write_phantoms(out / "data", spatial_dims=2)
+    demo_cfg = read_yaml(configs_dir() / "demo.yaml")
+    summary = train(data, "supervised", labeled=2, seed=0, out=out / "run", show_progress=show_progress,
+                    extra_config=[demo_cfg], report=report)
+    model = load_model(out / "run")
+    results, kept = evaluate_model(model, data, "test", show_progress, keep_predictions=3)
+    _write_json(results, out / "run" / "eval_test.json")
+    overlay([(v.case_id, v, p) for v, p in kept], out / "prediction_overlay.png", len(model.class_names))
+    shutil.copy(out / "run" / "learning_curve.png", out / "learning_curve.png")
+    return {"train": summary, "eval": results}
+
+
+def resolved_config(data: Path | str, config_file: Path | None, sets: list[str] | None) -> Config:
+    """The configuration a ``train`` on ``data`` would use (for ``frugalseg config``)."""
+    from frugalseg.data.readers import open_source
+
+    return build_config(open_source(data).default_spatial_dims, config_file, sets)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
