@@ -53,7 +53,7 @@ class ModelConfig:
     name: str = "unet"
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320])
     skip: bool = True
-    norm: str = "instance"
+    norm: str = "batch"
     dropout: float = 0.0
     swin_feature_size: int = 24
 
@@ -78,7 +78,7 @@ class TrainConfig:
     steps: int = 2000
     accumulate: int = 1
     grad_clip: float = 12.0
-    bf16: bool = True
+    bf16: bool = False
     channels_last: bool = True
     log_every: int = 10
     checkpoint_every: int = 250

@@ -80,7 +80,6 @@ def train(
     ``out`` receives ``config.yaml`` (resolved), ``split.json`` (which cases were labelled), ``run.json``
     (method, data, versions, git revision), ``log.jsonl`` + ``tb/``, ``checkpoint.pt`` and finally ``model.pt``.
     """
-    import torch
 
     from frugalseg.data.preprocess import Preprocessor
     from frugalseg.data.readers import open_source
@@ -89,11 +88,11 @@ def train(
     from frugalseg.engine.checkpoint import save_atomic
     from frugalseg.engine.optim import build_optimizer, build_scheduler
     from frugalseg.engine.repro import pick_device, seed_everything, set_threads
-    from frugalseg.engine.trainer import fit
     from frugalseg.engine.tracking import read_log
+    from frugalseg.engine.trainer import fit
     from frugalseg.eval.inference import MODEL_FILE
-    from frugalseg.registry import METHODS, build_method, build_network, resolve
     from frugalseg.nn.weights import load_pretrained
+    from frugalseg.registry import METHODS, build_method, build_network, resolve
 
     out = Path(out)
     resolve(METHODS, method, "--method")

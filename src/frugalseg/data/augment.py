@@ -68,9 +68,9 @@ def apply_spatial(
     for axis in range(dims):
         m = flips[:, axis]
         if m.any():
-            out_img[m] = out_img[m].flip(axis + 1)
+            out_img[m] = out_img[m].flip(axis + 2)
             if out_lab is not None:
-                out_lab[m] = out_lab[m].flip(axis)
+                out_lab[m] = out_lab[m].flip(axis + 1)
     return out_img, out_lab
 
 

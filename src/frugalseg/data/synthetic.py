@@ -34,7 +34,8 @@ def phantom(seed: int, shape: tuple[int, ...], spacing: tuple[float, ...]) -> tu
     axes = [np.linspace(-1, 1, n) * n * s / 2 for n, s in zip(shape, spacing)]
     coords = np.meshgrid(*axes, indexing="ij")
     extent = min(n * s for n, s in zip(shape[:2], spacing[:2])) / 2
-    centre = [rng.uniform(-0.2, 0.2) * extent for _ in range(2)] + [rng.uniform(-0.15, 0.15) * shape[2] * spacing[2] / 2]
+    centre = [rng.uniform(-0.2, 0.2) * extent for _ in range(2)]
+    centre.append(rng.uniform(-0.15, 0.15) * shape[2] * spacing[2] / 2)
     theta = rng.uniform(0, np.pi)
     x0, y0, z0 = (c - m for c, m in zip(coords, centre))
     x = np.cos(theta) * x0 + np.sin(theta) * y0

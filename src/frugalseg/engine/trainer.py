@@ -69,6 +69,8 @@ def fit(
     """
     method.to(device)
     _memory_format(method, cfg.channels_last)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
     start = 0
     if resume and ckpt_path.exists():

@@ -33,7 +33,7 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -
     r = torch.from_numpy(ref)[None, None].float()
     dice = float(compute_dice(p, r, include_background=True)[0, 0])
     hd = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
-                                          spacing=list(spacing))[0, 0])
+                                          spacing=[float(s) for s in spacing])[0, 0])
     return dice, hd
 
 

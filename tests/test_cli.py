@@ -1,0 +1,133 @@
+"""The CLI end to end on synthetic phantoms, and bad input: one line, exit 2, nothing written."""
+
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from frugalseg.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms_2d, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    tiny = ["train.steps=6", "train.log_every=2", "train.checkpoint_every=3", "data.batch_size=4",
+            "model.channels=[8,16,32]", "data.spatial_dims=2", "data.patch_size=[32,32]"]
+    args = ["train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", out, "--quiet"]
+    for s in tiny:
+        args += ["--set", s]
+    code, output = run(*args)
+    assert code == 0, output
+    return out
+
+
+def test_train_writes_a_complete_run_dir(trained):
+    for name in ("config.yaml", "split.json", "run.json", "log.jsonl", "checkpoint.pt", "model.pt",
+                 "learning_curve.png"):
+        assert (trained / name).exists(), name
+    split = json.loads((trained / "split.json").read_text())
+    assert len(split["labelled_cases"]) == 2 and split["seed"] == 1
+    meta = json.loads((trained / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["git"]
+
+
+def test_evaluate_writes_json_with_the_contract(trained, phantoms_2d):
+    code, output = run("evaluate", trained, "--data", phantoms_2d, "--split", "val", "--quiet")
+    assert code == 0, output
+    res = json.loads((trained / "eval_val.json").read_text())
+    assert set(res["per_class_dice"]) == {"crescent", "wall", "cavity"}
+    assert len(res["cases"]) == 2
+    per_case = [np.mean(list(c["dice"].values())) for c in res["cases"]]
+    assert res["mean_dice"] == pytest.approx(np.mean(per_case))
+    assert "mean Dice" in output
+
+
+def test_predict_keeps_shape_and_affine(trained, phantoms_2d, tmp_path):
+    src = phantoms_2d / "imagesTr" / "phantom_000.nii.gz"
+    out = tmp_path / "pred.nii.gz"
+    code, output = run("predict", trained, src, out)
+    assert code == 0, output
+    a, b = nib.load(src), nib.load(out)
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine)
+    assert set(np.unique(np.asarray(b.dataobj))) <= {0, 1, 2, 3}
+    code, output = run("predict", trained, src, out)
+    assert code == 2 and "already exists (pass --force" in output
+
+
+def test_methods_lists_supervised():
+    code, output = run("methods")
+    assert code == 0 and output.startswith("supervised")
+
+
+def _snapshot(path):
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")} if path.exists() else {}
+
+
+def _bad_cases(phantoms_2d, trained, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.pt").write_bytes(b"garbage")
+    badpred = tmp_path / "x.nii.gz"
+    badpred.write_bytes(b"\x1f\x8b not nifti")
+    base = ["train", "--data", phantoms_2d, "--labeled", 1, "--quiet"]
+    return [
+        (["train", "--data", tmp_path / "nope", "--labeled", 1, "--out", tmp_path / "o"],
+         r"--data .*nope: folder not found"),
+        (base + ["--method", "magic", "--out", tmp_path / "o"], r"--method: unknown name 'magic'"),
+        (base + ["--set", "train.stepz=1", "--out", tmp_path / "o"], r"unknown config key 'train.stepz'"),
+        (base + ["--set", "optim.lr=fast", "--out", tmp_path / "o"],
+         r"config key 'optim.lr' expects float, got 'fast'"),
+        (["train", "--data", phantoms_2d, "--labeled", 99, "--out", tmp_path / "o"], r"--labeled 99: only 5 labelled"),
+        (base + ["--out", trained], r"already exists; pass --resume to continue it or --force"),
+        (base + ["--out", tmp_path / "o", "--init", tmp_path / "missing.pt"],
+         r"--init .*missing.pt: weights file not found"),
+        (["evaluate", corrupt, "--data", phantoms_2d], r"model.pt: corrupt or incompatible"),
+        (["evaluate", trained, "--data", phantoms_2d, "--split", "nonsense"], r"--split: unknown split 'nonsense'"),
+        (["predict", trained, badpred, tmp_path / "p.nii.gz"], r"x.nii.gz: cannot read NIfTI"),
+        (["predict", trained, phantoms_2d / "dataset.json", tmp_path / "p.nii.gz"], r"dataset.json: cannot read NIfTI"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(phantoms_2d, trained, tmp_path):
+    for args, pattern in _bad_cases(phantoms_2d, trained, tmp_path):
+        before_trained, before_tmp = _snapshot(trained), _snapshot(tmp_path)
+        code, output = run(*args)
+        lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+        assert code == 2, (args, output)
+        assert len(lines) == 1 and lines[0].startswith("error: "), output
+        assert re.search(pattern, lines[0]), (pattern, lines[0])
+        assert "Traceback" not in output
+        assert _snapshot(trained) == before_trained
+        assert _snapshot(tmp_path) == before_tmp, args
+
+
+def test_unwritable_output_path(phantoms_2d, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, output = run("train", "--data", phantoms_2d, "--labeled", 1, "--out", blocker / "run", "--quiet")
+    assert code == 2 and "cannot write" in output and not (blocker.parent / "run").exists()
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(phantoms_2d, tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    code, output = run("train", "--data", phantoms_2d, "--labeled", 1, "--out", precious, "--force")
+    assert code == 2 and "not one" in output and (precious / "notes.txt").read_text() == "keep"
+
+
+def test_resume_of_a_finished_run_is_refused(trained, phantoms_2d):
+    code, output = run("train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", trained, "--resume")
+    assert code == 2 and "already finished" in output
+    code, output = run("train", "--data", phantoms_2d, "--labeled", 3, "--seed", 1, "--out", trained, "--resume")
+    assert code == 2 and "started with labeled=2" in output

@@ -1,0 +1,48 @@
+import pytest
+
+from frugalseg.config import build_config, parse_set
+from frugalseg.errors import UserError
+
+
+def test_presets_and_overrides_layer_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 77\noptim:\n  lr: 0.5\n")
+    cfg = build_config(2, f, ["optim.lr=1", "data.augment.flip=true"])
+    assert cfg.data.spatial_dims == 2 and cfg.data.patch_size == [128, 128]  # 2-D preset
+    assert cfg.train.steps == 77  # file
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # --set wins, int coerced to float
+    assert cfg.data.augment.flip is True
+
+
+def test_spatial_dims_override_switches_preset():
+    cfg = build_config(2, None, ["data.spatial_dims=3"])
+    assert cfg.data.patch_size == [40, 56, 40]
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("train.steps=abc", "config key 'train.steps' expects int, got 'abc'"),
+        ("train.steps=1.5", "config key 'train.steps' expects int"),
+        ("model.norm=group", "config key 'model.norm' must be one of instance, batch"),
+        ("data.patch_size=[64]", "'data.patch_size' needs 2 values"),
+        ("train", "--set 'train': expected key=value"),
+        ("train.steps=0", "'train.steps' must be positive"),
+    ],
+)
+def test_bad_overrides_are_rejected_by_name(item, message):
+    with pytest.raises(UserError, match=None) as info:
+        build_config(2, None, [item])
+    assert message in str(info.value)
+
+
+def test_parse_set_nests_and_parses_yaml():
+    assert parse_set(["a.b.c=[1, 2]"]) == [{"a": {"b": {"c": [1, 2]}}}]
+
+
+def test_bad_yaml_file_is_one_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        build_config(2, f, [])

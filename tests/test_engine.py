@@ -1,0 +1,107 @@
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from frugalseg.config import Config, OptimConfig
+from frugalseg.data.sampling import PatchSampler
+from frugalseg.data.synthetic import phantom
+from frugalseg.data.volume import Volume
+from frugalseg.engine.checkpoint import load_checkpoint, save_atomic
+from frugalseg.engine.optim import build_optimizer, build_scheduler, lr_factor
+from frugalseg.engine.trainer import fit
+from frugalseg.errors import UserError
+from frugalseg.methods.supervised import Supervised
+from frugalseg.nn.unet import UNet
+
+
+def test_lr_schedules_known_values():
+    cfg = OptimConfig(warmup_steps=10, schedule="cosine")
+    assert lr_factor(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg) == pytest.approx(0.5)
+    assert lr_factor(110, 110, cfg) == pytest.approx(0.0, abs=1e-12)
+    cfg = OptimConfig(warmup_steps=0, schedule="poly", poly_power=0.9)
+    assert lr_factor(50, 100, cfg) == pytest.approx(0.5**0.9)
+
+
+def _setup(steps=12, seed=0):
+    torch.manual_seed(seed)
+    image, label = phantom(3, (48, 48, 6), (1.5, 1.5, 6.0))
+    vol = Volume("p", (image[None] - image.mean()) / image.std(), label.astype(np.int64), np.eye(4),
+                 (1.5, 1.5, 6.0))
+    cfg = Config()
+    cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every = steps, 2, 4
+    cfg.train.bf16 = False
+    cfg.optim.warmup_steps = 2
+    sampler = PatchSampler([vol], 2, (32, 32), 4, seed=seed)
+    method = Supervised(UNet(2, 1, 4, (8, 16, 32)))
+    opt = build_optimizer(method.parameters(), cfg.optim)
+    return method, sampler, opt, build_scheduler(opt, steps, cfg.optim), cfg
+
+
+def test_fit_decreases_the_loss(tmp_path):
+    method, sampler, opt, sched, cfg = _setup(steps=30)
+    batch = sampler.batch(0)
+    with torch.no_grad():
+        before = method.training_step(batch, 0.0).loss.item()
+    fit(method, sampler.batch, opt, sched, cfg.train, tmp_path, torch.device("cpu"), show_progress=False)
+    method.eval()
+    with torch.no_grad():
+        after = method.training_step(batch, 1.0).loss.item()
+    assert after < 0.7 * before
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "log.jsonl").exists()
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    method, sampler, opt, sched, cfg = _setup()
+    fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "a", torch.device("cpu"), show_progress=False)
+    reference = {k: v.clone() for k, v in method.state_dict().items()}
+
+    method, sampler, opt, sched, cfg = _setup()
+    calls = {"n": 0}
+
+    def dying(i):
+        calls["n"] += 1
+        if calls["n"] > 6:  # killed after step 6; the last checkpoint is at step 4
+            raise KeyboardInterrupt
+        return sampler.batch(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(method, dying, opt, sched, cfg.train, tmp_path / "b", torch.device("cpu"), show_progress=False)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 4
+    method, sampler, opt, sched, cfg = _setup()  # a fresh process: new objects, state from disk
+    fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "b", torch.device("cpu"), resume=True,
+        show_progress=False)
+    for key, value in method.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in
+             (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]  # no duplicated log lines after resume
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    path = tmp_path / "c.pt"
+    save_atomic({"step": 1}, path)
+    with mock.patch("torch.save", side_effect=OSError(28, "No space left on device")):
+        with pytest.raises(OSError):
+            save_atomic({"step": 2}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    path.write_bytes(b"corrupt")
+    with pytest.raises(UserError, match="c.pt: corrupt or incompatible checkpoint"):
+        load_checkpoint(path)
+
+
+def test_diverging_loss_stops_with_a_clear_error(tmp_path):
+    method, sampler, opt, sched, cfg = _setup(steps=3)
+
+    def nan_batches(i):
+        b = sampler.batch(i)
+        b["image"][:] = math.nan
+        return b
+
+    with pytest.raises(UserError, match="training diverged"):
+        fit(method, nan_batches, opt, sched, cfg.train, tmp_path, torch.device("cpu"), show_progress=False)
