@@ -146,6 +146,31 @@ def demo(
     typer.echo(f"figures: {out / 'learning_curve.png'}, {out / 'prediction_overlay.png'}")
 
 
+@app.command()
+@_guard
+def profile(
+    out: Path | None = typer.Option(None, "--out", help="Also write the figures as JSON here."),
+    steps: int = typer.Option(8, "--steps", help="Timed steps per config (after 2 warm-up steps)."),
+) -> None:
+    """Time per training step, samples/s, data-wait share and peak RSS of the default 2-D and 3-D configs."""
+    import json
+
+    from frugalseg.eval.profile import profile_all
+
+    result = profile_all(steps)
+    typer.echo(f"{'config':<12} {'method':<11} {'patch':<14} {'batch':>5} {'s/step':>7} {'samples/s':>9} "
+               f"{'data %':>6} {'peak RSS MB':>11}")
+    for r in result["runs"]:
+        typer.echo(f"{r['config']:<12} {r['method']:<11} {'x'.join(map(str, r['patch'])):<14} {r['batch']:>5} "
+                   f"{r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.1f} "
+                   f"{100 * r['data_fraction']:>6.1f} {r['peak_rss_mb']:>11.0f}")
+    typer.echo(f"threads: {result['threads']}, torch {result['torch']}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        typer.echo(f"written {out}")
+
+
 @app.command("config")
 @_guard
 def show_config(

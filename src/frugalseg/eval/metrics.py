@@ -11,6 +11,7 @@ dropped by the usual reductions. We decide instead:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,8 +33,10 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -
     p = torch.from_numpy(pred)[None, None].float()
     r = torch.from_numpy(ref)[None, None].float()
     dice = float(compute_dice(p, r, include_background=True)[0, 0])
-    hd = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
-                                          spacing=[float(s) for s in spacing])[0, 0])
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own deprecated internal argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                              spacing=[float(s) for s in spacing])[0, 0])
     return dice, hd
 
 
