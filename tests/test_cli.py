@@ -131,3 +131,38 @@ def test_resume_of_a_finished_run_is_refused(trained, phantoms_2d):
     assert code == 2 and "already finished" in output
     code, output = run("train", "--data", phantoms_2d, "--labeled", 3, "--seed", 1, "--out", trained, "--resume")
     assert code == 2 and "started with labeled=2" in output
+
+
+def test_resume_with_a_corrupt_checkpoint_is_one_line(trained, phantoms_2d, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta["status"] = "running"
+    (copy / "run.json").write_text(json.dumps(meta))
+    (copy / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    before = _snapshot(copy)
+    code, output = run("train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", copy, "--resume",
+                       "--quiet")
+    assert code == 2 and "checkpoint.pt: corrupt or incompatible checkpoint" in output, output
+    assert _snapshot(copy) == before
+
+
+def test_corrupt_case_in_the_data_folder_names_the_file(phantoms_2d, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms_2d, data)
+    img = nib.load(data / "imagesTr" / "phantom_000.nii.gz")
+    arr = np.asarray(img.dataobj).astype(np.float32)
+    arr[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), data / "imagesTr" / "phantom_000.nii.gz")
+    code, output = run("train", "--data", data, "--labeled", 5, "--out", tmp_path / "o", "--quiet")
+    assert code == 2 and "phantom_000.nii.gz: image contains NaN or Inf values" in output, output
+    assert not (tmp_path / "o").exists()
+
+
+def test_outputs_are_readable_by_others(trained):
+    for name in ("run.json", "split.json", "model.pt"):
+        assert (trained / name).stat().st_mode & 0o044 == 0o044, name

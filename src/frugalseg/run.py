@@ -107,20 +107,16 @@ def train(
             raise UserError(f"--resume {out}: this run already finished")
         cfg = config_from_dict(read_yaml(out / "config.yaml"), str(out / "config.yaml"))
         split = json.loads((out / "split.json").read_text())
-        init = meta.get("init")
+        init = None  # the checkpoint already holds the initialised and trained weights
     else:
         cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config)
         split = few_label_split(source, labeled, seed)
         if init is not None and not Path(init).is_file():
             raise UserError(f"--init {init}: weights file not found")
-        prepare_dir(out, resume=False, force=force)
-        meta = {"method": method, "labeled": labeled, "seed": seed, "data": str(source.root),
-                "format": source.format, "class_names": source.class_names, "in_channels": source.in_channels,
-                "init": str(init) if init else None, "status": "running", **_versions()}
-        save_config(cfg, out / "config.yaml")
-        _write_json(split, out / "split.json")
-        _write_json(meta, out / RUN_MARKER)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+            prepare_dir(out, resume=False, force=False)  # raises the one-line error before any work
 
+    # everything that can fail on the user's input happens before the run directory is written
     threads = set_threads(cfg.train.num_threads)
     seed_everything(seed, cfg.train.deterministic)
     device = pick_device()
@@ -132,10 +128,19 @@ def train(
     sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
                            cfg.data.foreground_oversample, cfg.data.augment)
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
-    if init is not None and not resume:
-        load_report = load_pretrained(net, init)
-        report(f"--init {init}: {load_report.summary()}")
-        _write_json(load_report.to_dict(), out / "init_report.json")
+    load_report = load_pretrained(net, init) if init is not None else None
+
+    if not resume:
+        prepare_dir(out, resume=False, force=force)
+        meta = {"method": method, "labeled": labeled, "seed": seed, "data": str(source.root),
+                "format": source.format, "class_names": source.class_names, "in_channels": source.in_channels,
+                "init": str(init) if init else None, "status": "running", **_versions()}
+        save_config(cfg, out / "config.yaml")
+        _write_json(split, out / "split.json")
+        _write_json(meta, out / RUN_MARKER)
+        if load_report is not None:
+            report(f"--init {init}: {load_report.summary()}")
+            _write_json(load_report.to_dict(), out / "init_report.json")
     module = build_method(method, net, cfg.method)
     optimizer = build_optimizer(module.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)

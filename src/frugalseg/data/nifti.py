@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from frugalseg.atomic import write_atomic
 from frugalseg.errors import UserError
 
 
@@ -35,16 +34,15 @@ def write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, dtype=
     """Write a NIfTI file through a temporary file in the same folder, then rename (never half-written)."""
     import nibabel as nib
 
-    path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        img = nib.Nifti1Image(array.astype(dtype), affine)
-        img.header.set_data_dtype(dtype)
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    img = nib.Nifti1Image(array.astype(dtype), affine)
+    img.header.set_data_dtype(dtype)
+    write_atomic(path, lambda f: f.write(_nifti_bytes(img, Path(path).name.endswith(".gz"))))
+
+
+def _nifti_bytes(img, compress: bool) -> bytes:
+    raw = img.to_bytes()
+    if not compress:
+        return raw
+    import gzip
+
+    return gzip.compress(raw, compresslevel=6)

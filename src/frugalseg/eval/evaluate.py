@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from frugalseg.atomic import write_atomic
 from frugalseg.data.readers import open_source
 from frugalseg.errors import UserError
 from frugalseg.eval.inference import TrainedModel, load_model, segment
@@ -17,16 +17,7 @@ from frugalseg.eval.metrics import case_metrics
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def summarise(cases: list[dict], class_names: list[str]) -> dict:
