@@ -16,7 +16,7 @@ def test_presets_and_overrides_layer_in_order(tmp_path):
 
 def test_spatial_dims_override_switches_preset():
     cfg = build_config(2, None, ["data.spatial_dims=3"])
-    assert cfg.data.patch_size == [40, 56, 40]
+    assert cfg.data.patch_size == [32, 48, 32]
 
 
 @pytest.mark.parametrize(

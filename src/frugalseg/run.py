@@ -109,7 +109,7 @@ def train(
         split = json.loads((out / "split.json").read_text())
         init = None  # the checkpoint already holds the initialised and trained weights
     else:
-        cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config)
+        cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config, source.format)
         split = few_label_split(source, labeled, seed)
         if init is not None and not Path(init).is_file():
             raise UserError(f"--init {init}: weights file not found")
@@ -191,7 +191,8 @@ def resolved_config(data: Path | str, config_file: Path | None, sets: list[str] 
     """The configuration a ``train`` on ``data`` would use (for ``frugalseg config``)."""
     from frugalseg.data.readers import open_source
 
-    return build_config(open_source(data).default_spatial_dims, config_file, sets)
+    source = open_source(data)
+    return build_config(source.default_spatial_dims, config_file, sets, data_format=source.format)
 
 
 def dump_config(cfg: Config) -> str:
