@@ -166,3 +166,16 @@ def test_corrupt_case_in_the_data_folder_names_the_file(phantoms_2d, tmp_path):
 def test_outputs_are_readable_by_others(trained):
     for name in ("run.json", "split.json", "model.pt"):
         assert (trained / name).stat().st_mode & 0o044 == 0o044, name
+
+
+def test_demo_writes_its_figures_and_table(tmp_path):
+    out = tmp_path / "demo"
+    code, output = run("demo", "--out", out, "--steps", 3, "--quiet")
+    assert code == 0, output
+    for name in ("learning_curve.png", "prediction_overlay.png", "run/eval_test.json", "run/model.pt"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "run" / "eval_test.json").read_text())
+    assert res["split"] == "test" and res["n_cases"] == 6  # unseen phantoms, not the training ones
+    assert f"{res['mean_dice']:.3f}" in output
+    code, output = run("demo", "--out", out, "--steps", 3, "--quiet")
+    assert code == 2 and "already exists" in output

@@ -137,11 +137,12 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the demo's data, run and figures."),
     force: bool = typer.Option(False, "--force", help="Overwrite a previous demo folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Training steps (default: configs/demo.yaml)."),
 ) -> None:
     """The main job on synthetic phantoms: train with 2 labelled volumes, evaluate on unseen phantoms."""
     from frugalseg.run import demo as run_demo
 
-    result = run_demo(out, force, show_progress=not quiet, report=_say)
+    result = run_demo(out, force, show_progress=not quiet, report=_say, steps=steps)
     typer.echo(_table(result["eval"], "Dice on unseen test phantoms (supervised, 2 labelled volumes):"))
     typer.echo(f"figures: {out / 'learning_curve.png'}, {out / 'prediction_overlay.png'}")
 

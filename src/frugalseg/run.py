@@ -164,7 +164,8 @@ def train(
             "final_loss": result.last_loss, "labelled_cases": split["labelled_cases"]}
 
 
-def demo(out: Path | str, force: bool = False, show_progress: bool = True, report=print) -> dict[str, Any]:
+def demo(out: Path | str, force: bool = False, show_progress: bool = True, report=print,
+         steps: int | None = None) -> dict[str, Any]:
     """The main job on the embedded default: phantoms -> 2 labelled volumes -> evaluate on unseen phantoms."""
     from frugalseg.data.synthetic import write_phantoms
     from frugalseg.eval.evaluate import evaluate_model
@@ -176,13 +177,15 @@ def demo(out: Path | str, force: bool = False, show_progress: bool = True, repor
     _write_json({"kind": "frugalseg demo"}, out / "demo.json")
     report(f"writing synthetic phantoms to {out / 'data'}")
     data = write_phantoms(out / "data", spatial_dims=2)
-    demo_cfg = read_yaml(configs_dir() / "demo.yaml")
+    layers = [read_yaml(configs_dir() / "demo.yaml")]
+    if steps is not None:
+        layers.append({"train": {"steps": steps, "checkpoint_every": steps}})
     summary = train(data, "supervised", labeled=2, seed=0, out=out / "run", show_progress=show_progress,
-                    extra_config=[demo_cfg], report=report)
+                    extra_config=layers, report=report)
     model = load_model(out / "run")
     results, kept = evaluate_model(model, data, "test", show_progress, keep_predictions=3)
     _write_json(results, out / "run" / "eval_test.json")
-    overlay([(v.case_id, v, p) for v, p in kept], out / "prediction_overlay.png", len(model.class_names))
+    overlay([(v.case_id, v, p) for v, p in kept], out / "prediction_overlay.png", model.class_names)
     shutil.copy(out / "run" / "learning_curve.png", out / "learning_curve.png")
     return {"train": summary, "eval": results}
 

@@ -35,9 +35,12 @@ def learning_curve(log: list[dict], path: Path, title: str = "training loss") ->
     plt.close(fig)
 
 
-def overlay(items: list[tuple[str, Volume, np.ndarray]], path: Path, num_classes: int) -> None:
-    """One row per item: image, reference, prediction on the slice with the most foreground."""
+def overlay(items: list[tuple[str, Volume, np.ndarray]], path: Path, class_names: list[str]) -> None:
+    """One row per item: image, reference, prediction on the slice with the most foreground, with a legend."""
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    num_classes = len(class_names)
     fig, axes = plt.subplots(len(items), 3, figsize=(9, 3 * len(items)), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for row, (name, vol, pred) in zip(axes, items):
@@ -56,6 +59,8 @@ def overlay(items: list[tuple[str, Volume, np.ndarray]], path: Path, num_classes
                 ax.imshow(rgba, origin="lower")
             ax.set_title(title)
             ax.axis("off")
-    fig.tight_layout()
+    handles = [Patch(color=cmap(c - 1), alpha=0.6, label=class_names[c]) for c in range(1, num_classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
