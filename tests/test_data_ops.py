@@ -86,3 +86,13 @@ def test_sampler_is_deterministic_per_step_and_keeps_labels_aligned():
     assert (batch["label"] > 0).any(dim=(1, 2)).all()  # every sample centred on foreground
     # without augmentation the crop is copied verbatim: label values match the source where image matches
     assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 3}
+
+
+def test_2d_models_resample_in_plane_whatever_the_slice_axis():
+    pre = Preprocessor("none", spacing=(1.5, 1.5), spatial_dims=2)
+    h5_like = Volume("a", np.zeros((1, 9, 150, 120), np.float32), None, np.eye(4), (10.0, 1.0, 1.0))
+    nifti_like = Volume("b", np.zeros((1, 150, 120, 9), np.float32), None, np.eye(4), (1.0, 1.0, 10.0))
+    assert pre.target_shape(h5_like) == (9, 100, 80)
+    assert pre.target_shape(nifti_like) == (100, 80, 9)
+    legacy = Preprocessor("none", spacing=(10.0, 1.5, 1.5), spatial_dims=2)  # 3 values: the last two are used
+    assert legacy.target_shape(nifti_like) == (100, 80, 9)

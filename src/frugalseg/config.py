@@ -319,10 +319,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'data.patch_size' must be positive, got {cfg.data.patch_size}")
     if len(cfg.model.channels) < 2:
         raise UserError("config key 'model.channels' needs at least 2 levels")
+    n_spacing = (2, 3) if cfg.data.spatial_dims == 2 else (3,)
     if cfg.data.spacing is not None and (
-        len(cfg.data.spacing) != 3 or any(s <= 0 for s in cfg.data.spacing)
+        len(cfg.data.spacing) not in n_spacing or any(s <= 0 for s in cfg.data.spacing)
     ):
-        raise UserError(f"config key 'data.spacing' must be 3 positive numbers, got {cfg.data.spacing}")
+        raise UserError(f"config key 'data.spacing' must be {' or '.join(map(str, n_spacing))} positive numbers, "
+                        f"got {cfg.data.spacing}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

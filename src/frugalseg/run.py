@@ -121,7 +121,7 @@ def train(
     seed_everything(seed, cfg.train.deterministic)
     device = pick_device()
     pre = Preprocessor(cfg.data.normalisation, tuple(cfg.data.percentiles),
-                       tuple(cfg.data.spacing) if cfg.data.spacing else None)
+                       tuple(cfg.data.spacing) if cfg.data.spacing else None, cfg.data.spatial_dims)
     volumes = [pre(source.load(case)) for case in split["labelled_cases"]]
     if cfg.data.spatial_dims == 3 and any(v.image.ndim != 4 for v in volumes):
         raise UserError(f"--data {source.root}: 2-D images cannot train a 3-D model (set data.spatial_dims=2)")

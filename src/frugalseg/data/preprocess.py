@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from frugalseg.data.volume import Volume
+from frugalseg.data.volume import Volume, slice_axis
 
 CT_WINDOWS = {"abdomen": (-175.0, 250.0), "head-neck": (0.0, 1700.0), "chest": (-500.0, 1000.0)}
 EPS = 1e-8
@@ -58,16 +58,31 @@ def resize(array: np.ndarray, shape: tuple[int, ...], mode: str) -> np.ndarray:
 
 @dataclass
 class Preprocessor:
-    """Normalise and (optionally) resample a volume; :meth:`restore_shape` inverts the resampling."""
+    """Normalise and (optionally) resample a volume; :meth:`restore_shape` inverts the resampling.
+
+    ``spacing`` is the target voxel size. For 3-D models it is given per axis in the file's order. For 2-D
+    (slice-wise) models only the in-plane spacing is used - the last two values, applied to the two axes other
+    than each volume's slice axis - so a model trained on one layout applies to scans stored in another.
+    """
 
     normalisation: str = "zscore"
     percentiles: tuple[float, float] = (0.5, 99.5)
     spacing: tuple[float, ...] | None = None
+    spatial_dims: int = 3
+
+    def target_spacing(self, vol: Volume) -> tuple[float, ...]:
+        if self.spacing is None:
+            return tuple(vol.spacing)
+        if self.spatial_dims == 2 and len(vol.spacing) == 3:
+            axis = slice_axis(vol.spacing, vol.spatial_shape)
+            target = list(vol.spacing)
+            for a, s in zip([a for a in range(3) if a != axis], self.spacing[-2:]):
+                target[a] = s
+            return tuple(target)
+        return tuple(self.spacing[-len(vol.spacing):])
 
     def target_shape(self, vol: Volume) -> tuple[int, ...]:
-        if self.spacing is None:
-            return vol.spatial_shape
-        target = self.spacing[: len(vol.spacing)]
+        target = self.target_spacing(vol)
         return tuple(max(1, round(n * s / t)) for n, s, t in zip(vol.spatial_shape, vol.spacing, target))
 
     def __call__(self, vol: Volume) -> Volume:
@@ -79,7 +94,7 @@ class Preprocessor:
             image = resize(image, shape, "linear")
             if label is not None:
                 label = resize(label[None].astype(np.float32), shape, "nearest")[0].astype(np.int64)
-            spacing = tuple(self.spacing[: len(spacing)])
+            spacing = self.target_spacing(vol)
         return Volume(vol.case_id, image.astype(np.float32), label, vol.affine, spacing)
 
     @staticmethod

@@ -81,6 +81,9 @@ class DecathlonSource(DataSource):
         val_entry = meta.get("validation")
         if val_entry:
             val = self._entries(val_entry, root, meta_path, "validation", len(channels))
+            unknown = [c for c in val if c not in self._images]
+            if unknown:
+                raise UserError(f"{meta_path}: validation case {unknown[0]!r} is not a listed case")
             train = [c for c in train if c not in set(val)]
         else:
             ordered = sorted(train)

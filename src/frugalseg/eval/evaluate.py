@@ -37,7 +37,7 @@ def evaluate_model(model: TrainedModel, data: Path | str, split: str, show_progr
                    keep_predictions: int = 0) -> tuple[dict, list]:
     """Evaluate ``model`` on ``split`` of the dataset at ``data``. Returns (results, kept (vol, pred) pairs)."""
     source = open_source(data)
-    if source.class_names[1:] and len(source.class_names) != len(model.class_names):
+    if len(source.class_names) != len(model.class_names):
         raise UserError(f"--data {source.root}: {len(source.class_names)} classes, the model was trained "
                         f"with {len(model.class_names)}")
     cases = source.cases(split)

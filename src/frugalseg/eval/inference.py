@@ -37,7 +37,8 @@ class TrainedModel:
     @property
     def preprocessor(self) -> Preprocessor:
         d = self.cfg.data
-        return Preprocessor(d.normalisation, tuple(d.percentiles), tuple(d.spacing) if d.spacing else None)
+        return Preprocessor(d.normalisation, tuple(d.percentiles), tuple(d.spacing) if d.spacing else None,
+                            d.spatial_dims)
 
 
 def load_model(run_dir: Path, device: torch.device | None = None) -> TrainedModel:
@@ -59,7 +60,10 @@ def load_model(run_dir: Path, device: torch.device | None = None) -> TrainedMode
         net.load_state_dict(state["network"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: corrupt or incompatible model file ({str(exc).splitlines()[0][:160]})") from None
-    device = device or torch.device("cpu")
+    if device is None:
+        from frugalseg.engine.repro import pick_device
+
+        device = pick_device()
     net.to(device).eval()
     return TrainedModel(net, cfg, list(meta["class_names"]), int(meta["in_channels"]), device)
 
