@@ -76,3 +76,14 @@ def test_load_pretrained_never_unpickles_objects(tmp_path):
     torch.save({"args": argparse.Namespace(a=1), "state_dict": UNet(2, 1, 2, (4, 8)).state_dict()}, path)
     with pytest.raises(UserError, match="not a loadable PyTorch checkpoint"):
         load_pretrained(UNet(2, 1, 2, (4, 8)), path)
+
+
+def test_registry_builds_swinunetr_from_config():
+    from frugalseg.config import ModelConfig
+    from frugalseg.registry import build_network
+
+    net = build_network(ModelConfig(name="swinunetr", swin_feature_size=12), 2, 1, 3)
+    assert isinstance(net, SwinUNETRNet)
+    assert net(torch.randn(2, 1, 32, 48)).shape == (2, 3, 32, 48)
+    with pytest.raises(UserError, match="model.name: unknown name 'vit'"):
+        build_network(ModelConfig(name="vit"), 2, 1, 3)

@@ -89,8 +89,8 @@ def fit(
     total, t0, data_time, last_loss = cfg.steps, time.perf_counter(), 0.0, float("nan")
     window: dict[str, float] = {}
     n_window = 0
-    bar = tqdm(range(start, total), initial=start, total=total, desc=description, disable=not show_progress,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=description, dynamic_ncols=True,
+               disable=None if show_progress else True, leave=False)  # None: off when not a terminal
     method.train()
     try:
         for step in bar:

@@ -44,7 +44,7 @@ def evaluate_model(model: TrainedModel, data: Path | str, split: str, show_progr
     if not cases:
         raise UserError(f"--split {split}: no labelled case in {source.root}")
     results, kept = [], []
-    for case in tqdm(cases, desc=f"evaluate {split}", disable=not show_progress, leave=False):
+    for case in tqdm(cases, desc=f"evaluate {split}", disable=None if show_progress else True, leave=False):
         vol = source.load(case)
         if vol.label is None:
             raise UserError(f"--split {split}: case {case} has no label")
