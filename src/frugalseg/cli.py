@@ -149,6 +149,38 @@ def demo(
 
 @app.command()
 @_guard
+def benchmark(
+    data: Path = DataOpt,
+    recipes: str = typer.Option(..., "--recipes", help="Comma-separated recipe names (see `frugalseg recipes`)."),
+    labeled: str = typer.Option("1,2,8", "--labeled", help="Comma-separated numbers of labelled volumes."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    out: Path = typer.Option(..., "--out", help="Benchmark folder (re-run the same command to resume)."),
+    split: str = typer.Option("val", "--split", help="Evaluation split: val | test | all."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help="Evaluate on this dataset (default: --data)."),
+    set_: list[str] | None = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Run the few-label protocol: every recipe x N x seed, evaluated; writes csv, report and plots."""
+    from frugalseg.eval.benchmark import parse_list, run_benchmark
+
+    rows = run_benchmark(data, parse_list(recipes, "--recipes"), parse_list(labeled, "--labeled", int),
+                         parse_list(seeds, "--seeds", int), out, split, eval_data, set_ or [],
+                         show_progress=not quiet, report=_say)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"{len(rows)} cells; written {out / 'results.csv'}, {out / 'report.md'} and plots")
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes in configs/recipes."""
+    from frugalseg.recipes import available, load_recipe
+
+    for name in available():
+        typer.echo(f"{name:<20} {load_recipe(name).description}")
+
+
+@app.command()
+@_guard
 def profile(
     out: Path | None = typer.Option(None, "--out", help="Also write the figures as JSON here."),
     steps: int = typer.Option(8, "--steps", help="Timed steps per config (after 2 warm-up steps)."),

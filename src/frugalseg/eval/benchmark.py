@@ -1,0 +1,236 @@
+"""``frugalseg benchmark``: the few-label protocol as one resumable command.
+
+For every (recipe, N, seed) cell: train with the N labelled volumes chosen by the seed, evaluate on a split, keep
+per-case metrics. A finished cell (``cell.json``) is never recomputed; an interrupted cell resumes from its
+checkpoint. Outputs: ``results.csv``, ``report.md``, ``dice_vs_labels.png``, ``per_class_dice.png``,
+``overlays.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from frugalseg.atomic import write_atomic
+from frugalseg.errors import UserError
+from frugalseg.recipes import load_recipe
+
+MANIFEST = "benchmark.json"
+
+# Chaitanya et al. (NeurIPS 2020), Table 1, ACDC mean foreground Dice at |X_tr| = 1, 2, 8 (their test split).
+PUBLISHED_ACDC = {"random": {1: 0.614, 2: 0.702, 8: 0.844}}
+PROTOCOL_NOTE_ACDC = (
+    "Published numbers are Chaitanya et al. (NeurIPS 2020), Table 1, on that paper's own 20 ACDC test patients "
+    "with images resampled to 1.367 mm and cropped around the heart; ours are on the SSL4MIS validation patients "
+    "(the 20 test patients are held out), with N = the end-diastolic frames of N training patients and every "
+    "training frame available unlabelled, evaluated in 3-D over RV, Myo and LV on both frames of each patient."
+)
+
+
+def parse_list(text: str, option: str, cast=str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UserError(f"{option}: empty list")
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise UserError(f"{option}: cannot read {text!r} as a comma-separated list of {cast.__name__}") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: list[int], out: Path,
+                  split: str = "val", eval_data: Path | None = None, sets: list[str] | None = None,
+                  show_progress: bool = True, report=print) -> list[dict[str, Any]]:
+    from frugalseg.config import build_config
+    from frugalseg.data.readers import open_source
+    from frugalseg.eval.evaluate import evaluate_model
+    from frugalseg.eval.inference import load_model
+    from frugalseg.run import train
+
+    # check everything before writing anything
+    loaded = [load_recipe(r) for r in recipes]
+    source = open_source(data)
+    eval_source = open_source(eval_data) if eval_data is not None else source
+    if not eval_source.cases(split):
+        raise UserError(f"--split {split}: no labelled case in {eval_source.root}")
+    pool = len(source.labelled_pool)
+    for n in labeled:
+        if n < 1 or n > pool:
+            raise UserError(f"--labeled {n}: must be between 1 and the {pool} labelled training volume(s)")
+    build_config(source.default_spatial_dims, None, sets or [], data_format=source.format)  # validates --set
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UserError(f"--out {out}: exists and is not a benchmark folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split,
+                "recipes": recipes, "labeled": labeled, "seeds": seeds, "set": sets or []}
+    _write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+
+    cells = [(r, n, s) for r in loaded for n in labeled for s in seeds]
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(cells, desc="benchmark", disable=None if show_progress else True, unit="cell")
+    for recipe, n, s in bar:
+        cell_dir = out / "runs" / recipe.name / f"n{n}_s{s}"
+        done = cell_dir / "cell.json"
+        bar.set_postfix(cell=f"{recipe.name} N={n} seed={s}")
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+            continue
+        resume = (cell_dir / "run.json").is_file() and json.loads((cell_dir / "run.json").read_text()).get(
+            "status") == "running" and (cell_dir / "checkpoint.pt").is_file()
+        if not resume and cell_dir.exists():
+            shutil.rmtree(cell_dir)  # an unfinished cell of this benchmark that never checkpointed
+        stage_sets = list(sets or [])
+        t0 = time.perf_counter()
+        summary = train(source.root, recipe.train.method, n, s, cell_dir, sets=stage_sets,
+                        extra_config=[recipe.train.overrides] if recipe.train.overrides else None,
+                        resume=resume, show_progress=False, report=report)
+        wall = time.perf_counter() - t0
+        results, _ = evaluate_model(load_model(cell_dir), eval_source.root, split, show_progress=False)
+        _write_text(cell_dir / f"eval_{split}.json", json.dumps(results, indent=1))
+        row = {"recipe": recipe.name, "labeled": n, "seed": s, "split": split,
+               "mean_dice": results["mean_dice"], **{f"dice_{k}": v for k, v in results["per_class_dice"].items()},
+               "mean_hd95": results["mean_hd95"], "train_seconds": summary["seconds"], "pretrain_seconds": 0.0,
+               "wall_seconds": wall}
+        _write_text(done, json.dumps(row, indent=1))
+        rows.append(row)
+    bar.close()
+    write_outputs(rows, out, eval_source.format, eval_source.class_names)
+    plot_overlays(out, loaded, labeled, seeds, eval_source, split)
+    return rows
+
+
+def plot_overlays(out: Path, recipes, labeled: list[int], seeds: list[int], eval_source, split: str) -> None:
+    """One validation case, predicted by each recipe's model at the largest N and first seed."""
+    from frugalseg.eval.inference import load_model, segment
+    from frugalseg.eval.plots import overlay
+
+    vol = eval_source.load(eval_source.cases(split)[0])
+    items = []
+    for recipe in recipes:
+        model = load_model(out / "runs" / recipe.name / f"n{max(labeled)}_s{seeds[0]}")
+        items.append((f"{recipe.name}, N={max(labeled)}", vol, segment(model, vol)))
+    overlay(items, out / "overlays.png", eval_source.class_names)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, data_format: str, class_names: list[str]) -> None:
+    """``results.csv``, ``report.md`` and the plots, all derived from ``rows``."""
+    fields = list(rows[0].keys())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(out / "results.csv", buf.getvalue())
+    _write_text(out / "report.md", report_markdown(rows, data_format, class_names))
+    plot_dice_vs_labels(rows, out / "dice_vs_labels.png")
+    plot_per_class(rows, out / "per_class_dice.png", class_names)
+
+
+def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: list[str]) -> str:
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    ns = sorted({r["labeled"] for r in rows})
+    by = {(r["recipe"], r["labeled"]): [x for x in rows if x["recipe"] == r["recipe"] and x["labeled"] == r["labeled"]]
+          for r in rows}
+    lines = [f"# Few-label benchmark ({rows[0]['split']} split)", "",
+             "Mean foreground Dice, mean ± sd over seeds (sd with n − 1).", "",
+             "| recipe | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for rec in recipes:
+        cells = []
+        for n in ns:
+            m, sd = _stats([x["mean_dice"] for x in by.get((rec, n), [])]) if (rec, n) in by else (float("nan"), 0)
+            cells.append(f"{m:.3f} ± {sd:.3f}" if (rec, n) in by else "—")
+        lines.append(f"| {rec} | " + " | ".join(cells) + " |")
+    if "random" in recipes and len(recipes) > 1:
+        lines += ["", "Difference to `random` (paired by seed), mean ± sd:", "",
+                  "| recipe | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for rec in recipes:
+            if rec == "random":
+                continue
+            cells = []
+            for n in ns:
+                base = {x["seed"]: x["mean_dice"] for x in by.get(("random", n), [])}
+                diffs = [x["mean_dice"] - base[x["seed"]] for x in by.get((rec, n), []) if x["seed"] in base]
+                cells.append(f"{_stats(diffs)[0]:+.3f} ± {_stats(diffs)[1]:.3f}" if diffs else "—")
+            lines.append(f"| {rec} | " + " | ".join(cells) + " |")
+    fg = class_names[1:]
+    lines += ["", "Per-class Dice (mean over seeds):", "",
+              "| recipe | N | " + " | ".join(fg) + " | HD95 mm |", "|---|---|" + "---|" * (len(fg) + 1)]
+    for rec in recipes:
+        for n in ns:
+            if (rec, n) not in by:
+                continue
+            xs = by[(rec, n)]
+            lines.append(f"| {rec} | {n} | " + " | ".join(f"{np.mean([x[f'dice_{k}'] for x in xs]):.3f}" for k in fg)
+                         + f" | {np.mean([x['mean_hd95'] for x in xs]):.1f} |")
+    if data_format == "ssl4mis_h5":
+        lines += ["", "Published (ACDC, mean foreground Dice):", "",
+                  "| recipe | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+        for rec in recipes:
+            if rec in PUBLISHED_ACDC:
+                lines.append(f"| {rec} (published) | "
+                             + " | ".join(f"{PUBLISHED_ACDC[rec].get(n, float('nan')):.3f}" for n in ns) + " |")
+        lines += ["", PROTOCOL_NOTE_ACDC]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_dice_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for rec in dict.fromkeys(r["recipe"] for r in rows):
+        ns = sorted({r["labeled"] for r in rows if r["recipe"] == rec})
+        stats = [_stats([r["mean_dice"] for r in rows if r["recipe"] == rec and r["labeled"] == n]) for n in ns]
+        ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=rec)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("labelled volumes")
+    ax.set_ylabel("mean foreground Dice")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class(rows: list[dict[str, Any]], path: Path, class_names: list[str]) -> None:
+    plt = _pyplot()
+    fg = class_names[1:]
+    keys = list(dict.fromkeys((r["recipe"], r["labeled"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(keys)), 3.8))
+    width = 0.8 / len(fg)
+    for j, k in enumerate(fg):
+        vals = [np.mean([r[f"dice_{k}"] for r in rows if (r["recipe"], r["labeled"]) == key]) for key in keys]
+        ax.bar(np.arange(len(keys)) + j * width, vals, width, label=k)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [f"{r}\nN={n}" for r, n in keys])
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""The benchmark end to end on synthetic phantoms: files, cells, report means, resume, bad input."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from frugalseg.cli import app
+from frugalseg.eval import benchmark as bm
+
+TINY = ["train.steps=4", "train.log_every=2", "train.checkpoint_every=2", "data.batch_size=2",
+        "model.channels=[4,8,16]", "data.patch_size=[32,32]", "data.spatial_dims=2"]
+
+
+def _args(data, out, recipes="random,no-augment", labeled="1,2"):
+    args = ["benchmark", "--data", str(data), "--recipes", recipes, "--labeled", labeled, "--seeds", "0",
+            "--out", str(out), "--quiet"]
+    for s in TINY:
+        args += ["--set", s]
+    return args
+
+
+def test_benchmark_end_to_end_and_resume(phantoms_2d, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, _args(phantoms_2d, out))
+    assert result.exit_code == 0, result.output
+    for name in ("results.csv", "report.md", "dice_vs_labels.png", "per_class_dice.png", "overlays.png"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["recipe"], r["labeled"]) for r in rows) == [
+        ("no-augment", "1"), ("no-augment", "2"), ("random", "1"), ("random", "2")]
+    report = (out / "report.md").read_text()
+    for r in rows:  # one seed: the report's mean equals the csv value
+        assert f"{float(r['mean_dice']):.3f} ± 0.000" in report
+    delta = float(rows[[r["recipe"] for r in rows].index("no-augment")]["mean_dice"]) - float(
+        rows[[r["recipe"] for r in rows].index("random")]["mean_dice"])
+    assert f"{delta:+.3f}" in report
+
+    # a second run recomputes nothing
+    calls = []
+    monkeypatch.setattr("frugalseg.run.train", lambda *a, **k: calls.append(a))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out))
+    assert result.exit_code == 0, result.output
+    assert calls == []
+
+
+def test_killed_benchmark_resumes_the_unfinished_cell(phantoms_2d, tmp_path, monkeypatch):
+    from frugalseg.data.sampling import PatchSampler
+
+    ref = tmp_path / "uninterrupted"
+    assert CliRunner().invoke(app, _args(phantoms_2d, ref, recipes="random", labeled="1")).exit_code == 0
+    expected = json.loads((ref / "runs" / "random" / "n1_s0" / "cell.json").read_text())
+
+    out = tmp_path / "bench"
+    real_batch = PatchSampler.batch
+
+    def dies_at_step_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt  # killed after the checkpoint at step 2
+        return real_batch(self, step)
+
+    monkeypatch.setattr(PatchSampler, "batch", dies_at_step_3)
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="random", labeled="1"))
+    assert result.exit_code == 130 and "interrupted" in result.output
+    cell = out / "runs" / "random" / "n1_s0"
+    assert not (cell / "cell.json").exists()
+    monkeypatch.setattr(PatchSampler, "batch", real_batch)
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="random", labeled="1"))
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(ln)["step"] for ln in (cell / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # resumed from step 2, not restarted
+    got = json.loads((cell / "cell.json").read_text())
+    assert got["mean_dice"] == pytest.approx(expected["mean_dice"], abs=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"recipes": "nonsense"}, "--recipes: unknown recipe 'nonsense'"),
+    ({"labeled": "1,99"}, "--labeled 99: must be between 1 and the 5"),
+    ({"labeled": ","}, "--labeled: empty list"),
+    ({"labeled": "one"}, "--labeled: cannot read 'one'"),
+])
+def test_benchmark_bad_input(phantoms_2d, tmp_path, override, message):
+    out = tmp_path / "bench"
+    args = _args(phantoms_2d, out, **{k: v for k, v in override.items()})
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_report_delta_is_paired_by_seed():
+    rows = [{"recipe": r, "labeled": 1, "seed": s, "split": "val", "mean_dice": d, "dice_a": d, "mean_hd95": 1.0}
+            for r, s, d in [("random", 0, 0.5), ("random", 1, 0.7), ("x", 0, 0.6), ("x", 1, 0.9)]]
+    text = bm.report_markdown(rows, "decathlon", ["bg", "a"])
+    assert "0.600 ± 0.141" in text  # random: mean 0.6, sd (n-1) 0.1414
+    diffs = np.array([0.1, 0.2])
+    assert f"+{diffs.mean():.3f} ± {diffs.std(ddof=1):.3f}" in text
