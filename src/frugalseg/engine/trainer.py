@@ -31,7 +31,7 @@ class FitResult:
     last_loss: float
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict:
     out = {}
     for key, value in batch.items():
         value = value.to(device, non_blocking=True)
@@ -42,7 +42,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_la
     return out
 
 
-def _memory_format(method: nn.Module, channels_last: bool) -> None:
+def set_memory_format(method: nn.Module, channels_last: bool) -> None:
     if not channels_last:
         return
     dims = getattr(method.net, "spatial_dims", 2)
@@ -68,7 +68,7 @@ def fit(
     because batches depend only on their index the result equals an uninterrupted run.
     """
     method.to(device)
-    _memory_format(method, cfg.channels_last)
+    set_memory_format(method, cfg.channels_last)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
@@ -98,7 +98,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             for micro in range(cfg.accumulate):
                 t_data = time.perf_counter()
-                batch = _to_device(batches(step * cfg.accumulate + micro), device, cfg.channels_last)
+                batch = to_device(batches(step * cfg.accumulate + micro), device, cfg.channels_last)
                 data_time += time.perf_counter() - t_data
                 with autocast:
                     out = method.training_step(batch, progress)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from frugalseg.atomic import write_atomic
 from frugalseg.errors import UserError
+from frugalseg.eval.plots import pyplot
 from frugalseg.recipes import load_recipe
 
 MANIFEST = "benchmark.json"
@@ -192,17 +193,8 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_dice_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for rec in dict.fromkeys(r["recipe"] for r in rows):
         ns = sorted({r["labeled"] for r in rows if r["recipe"] == rec})
@@ -219,7 +211,7 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_per_class(rows: list[dict[str, Any]], path: Path, class_names: list[str]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fg = class_names[1:]
     keys = list(dict.fromkeys((r["recipe"], r["labeled"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(keys)), 3.8))

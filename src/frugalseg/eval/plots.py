@@ -9,7 +9,8 @@ import numpy as np
 from frugalseg.data.volume import Volume, slice_axis
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +20,7 @@ def _pyplot():
 
 
 def learning_curve(log: list[dict], path: Path, title: str = "training loss") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     steps = [e["step"] for e in log]
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
     ax1.plot(steps, [e["loss"] for e in log], color="tab:blue", label="loss")
@@ -37,7 +38,7 @@ def learning_curve(log: list[dict], path: Path, title: str = "training loss") ->
 
 def overlay(items: list[tuple[str, Volume, np.ndarray]], path: Path, class_names: list[str]) -> None:
     """One row per item: image, reference, prediction on the slice with the most foreground, with a legend."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     num_classes = len(class_names)

@@ -17,7 +17,7 @@ from frugalseg.data.sampling import PatchSampler
 from frugalseg.data.synthetic import write_phantoms
 from frugalseg.engine.optim import build_optimizer
 from frugalseg.engine.repro import set_threads
-from frugalseg.engine.trainer import _memory_format, _to_device
+from frugalseg.engine.trainer import set_memory_format, to_device
 from frugalseg.registry import build_method, build_network
 
 
@@ -32,13 +32,13 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
                            cfg.data.foreground_oversample, cfg.data.augment)
     net = build_network(cfg.model, spatial_dims, 1, src.num_classes)
     module = build_method(method, net, cfg.method)
-    _memory_format(module, cfg.train.channels_last)
+    set_memory_format(module, cfg.train.channels_last)
     opt = build_optimizer(module.parameters(), cfg.optim)
     device = torch.device("cpu")
     step_times, data_times = [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        batch = _to_device(sampler.batch(i), device, cfg.train.channels_last)
+        batch = to_device(sampler.batch(i), device, cfg.train.channels_last)
         t1 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
             loss = module.training_step(batch, 0.0).loss.float()
