@@ -60,6 +60,10 @@ class DataSource:
 class DecathlonSource(DataSource):
     """Decathlon (``labels`` index->name) or nnU-Net v2 raw (``labels`` name->index, ``_0000`` channels)."""
 
+    @staticmethod
+    def matches(names: set[str]) -> bool:
+        return "dataset.json" in names
+
     def __init__(self, root: Path) -> None:
         meta_path = root / "dataset.json"
         try:
@@ -214,6 +218,10 @@ ACDC_CLASSES = ["background", "RV", "Myo", "LV"]
 class SSL4MISSource(DataSource):
     """The SSL4MIS ACDC layout. Labelled pool = end-diastolic frames (``frame01``) of training patients."""
 
+    @staticmethod
+    def matches(names: set[str]) -> bool:
+        return "train.list" in names and "data" in names
+
     def __init__(self, root: Path) -> None:
         data_dir = root / "data"
         if not data_dir.is_dir():
@@ -312,10 +320,12 @@ def open_source(path: Path | str) -> DataSource:
         names = {p.name for p in root.iterdir()}
     except OSError as exc:
         raise UserError(f"--data {root}: cannot read folder ({exc.strerror or exc})") from None
-    if "dataset.json" in names:
-        return DecathlonSource(root)
-    if "train.list" in names and "data" in names:
-        return SSL4MISSource(root)
+    from frugalseg.registry import DATASETS, resolve
+
+    for name in DATASETS:
+        reader = resolve(DATASETS, name, "--data")
+        if reader.matches(names):
+            return reader(root)
     raise UserError(
         f"--data {root}: unrecognised layout (expected dataset.json + imagesTr/labelsTr, "
         "or SSL4MIS train.list/val.list + data/*.h5)"
