@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,6 @@ class DataSource:
     in_channels: int
     splits: dict[str, list[str]]
     labelled_pool: list[str]
-    groups: dict[str, str] = field(default_factory=dict)
     default_spatial_dims: int = 3
 
     @property
@@ -105,7 +104,6 @@ class DecathlonSource(DataSource):
             in_channels=len(channels),
             splits={"train": sorted(train), "val": sorted(val), "test": sorted(test)},
             labelled_pool=sorted(train),
-            groups={c: c for c in self._images},
             default_spatial_dims=2 if str(meta.get("tensorImageSize", "3D")).upper() == "2D" else 3,
         )
 
@@ -260,7 +258,6 @@ class SSL4MISSource(DataSource):
             in_channels=1,
             splits=splits,
             labelled_pool=pool,
-            groups={c: c.split("_frame")[0] for cases in splits.values() for c in cases},
             default_spatial_dims=2,
         )
 
