@@ -107,7 +107,8 @@ def train(
             raise UserError(f"--resume {out}: this run already finished")
         cfg = config_from_dict(read_yaml(out / "config.yaml"), str(out / "config.yaml"))
         split = json.loads((out / "split.json").read_text())
-        init = None  # the checkpoint already holds the initialised and trained weights
+        # a checkpoint already holds the initialised weights; without one the run restarts from the recorded init
+        init = None if (out / "checkpoint.pt").is_file() else meta.get("init")
     else:
         cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config, source.format)
         split = few_label_split(source, labeled, seed)
@@ -130,6 +131,8 @@ def train(
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
     load_report = load_pretrained(net, init) if init is not None else None
 
+    if resume and load_report is not None:
+        report(f"--init {init}: {load_report.summary()} (no checkpoint yet: restarting from the initial weights)")
     if not resume:
         prepare_dir(out, resume=False, force=force)
         meta = {"method": method, "labeled": labeled, "seed": seed, "data": str(source.root),
