@@ -26,7 +26,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(VENV)/bin/frugalseg profile --out runs/profile.json
+	$(VENV)/bin/frugalseg profile --out runs/profile.json --force
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

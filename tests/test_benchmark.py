@@ -46,6 +46,44 @@ def test_benchmark_end_to_end_and_resume(phantoms_2d, tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_pretraining_stage_runs_once_per_seed_and_is_shared(phantoms_2d, tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "byol.yaml").write_text("stages:\n  - method: byol\n  - method: supervised\n")
+    (recipes / "byol-twin.yaml").write_text(  # same pre-training, different fine-tuning: shares the chain
+        "stages:\n  - method: byol\n  - method: supervised\n    set: {optim: {lr: 0.001}}\n")
+    monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="byol,byol-twin"))
+    assert result.exit_code == 0, result.output
+    chains = sorted((out / "pretrain").glob("*/s0"))
+    assert len(chains) == 1 and chains[0].parent.name.startswith("byol-")
+    pre = json.loads((chains[0] / "run.json").read_text())
+    assert pre["method"] == "byol" and pre["labeled"] is None and pre["status"] == "finished"
+    assert json.loads((chains[0] / "split.json").read_text())["labelled_cases"] == []
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4
+    for r in rows:
+        run = json.loads((out / "runs" / r["recipe"] / f"n{r['labeled']}_s0" / "run.json").read_text())
+        assert run["init"] == str(chains[0] / "model.pt")
+        assert float(r["pretrain_seconds"]) == pytest.approx(pre["train_seconds"])
+    init = json.loads((out / "runs" / "byol" / "n1_s0" / "init_report.json").read_text())
+    assert init["missing"] == [] and len(init["loaded"]) > 0
+
+
+def test_recipe_stage_order_is_checked(tmp_path, monkeypatch):
+    from frugalseg.errors import UserError
+    from frugalseg.recipes import load_recipe
+
+    (tmp_path / "wrong.yaml").write_text("stages:\n  - method: supervised\n  - method: byol\n")
+    (tmp_path / "twice.yaml").write_text("stages:\n  - method: supervised\n  - method: supervised\n")
+    monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: tmp_path)
+    with pytest.raises(UserError, match="stage 1 \\(supervised\\): only the last stage may train"):
+        load_recipe("twice")
+    with pytest.raises(UserError, match="stage 1 \\(supervised\\)"):
+        load_recipe("wrong")
+
+
 def test_killed_benchmark_resumes_the_unfinished_cell(phantoms_2d, tmp_path, monkeypatch):
     from frugalseg.data.sampling import PatchSampler
 

@@ -10,7 +10,7 @@ from frugalseg.data.sampling import PatchSampler
 from frugalseg.engine.optim import build_optimizer, build_scheduler
 from frugalseg.engine.trainer import fit
 from frugalseg.nn.unet import UNet
-from frugalseg.registry import METHODS, build_method
+from frugalseg.registry import METHODS, build_method, method_kind, resolve
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -19,8 +19,10 @@ def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
     data = phantoms_2d if dims == 2 else phantoms_3d
     src = open_source(data)
     vols = [Preprocessor()(src.load(c)) for c in src.cases("train")[:2]]
+    if method_kind(name) == "pretrain":
+        vols = [v.without_label() for v in vols]
     patch = (32, 32) if dims == 2 else (24, 24, 24)
-    sampler = PatchSampler(vols, dims, patch, 2, seed=0)
+    sampler = PatchSampler(vols, dims, patch, 2, seed=0, views=getattr(resolve(METHODS, name, "m"), "views", 1))
     method = build_method(name, UNet(dims, 1, src.num_classes, (4, 8, 16)), {})
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
     cfg = Config()
@@ -32,3 +34,5 @@ def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
     assert torch.isfinite(out.loss)
     moved = [k for k, v in method.net.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert moved, "no parameter moved"
+    if method_kind(name) == "pretrain":
+        assert "label" not in sampler.batch(0)

@@ -89,6 +89,29 @@ def train(
 
 @app.command()
 @_guard
+def pretrain(
+    data: Path = DataOpt,
+    method: str = typer.Option(..., "--method", help="A pre-training method (see `frugalseg methods`)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the run."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create."),
+    init: Path | None = typer.Option(None, "--init", help="Weights to start from (e.g. an earlier stage)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file of config overrides."),
+    set_: list[str] | None = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing run directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Pre-train on every training image of --data (labels are never read); then `train --init OUT/model.pt`."""
+    from frugalseg.run import pretrain as run_pretrain
+
+    summary = run_pretrain(data, method, seed, out, init=init, config_file=config, sets=set_ or [], resume=resume,
+                           force=force, show_progress=not quiet, report=_say)
+    typer.echo(f"pre-trained {summary['steps']} steps in {summary['seconds']:.0f} s; "
+               f"weights in {summary['run_dir']}/model.pt")
+
+
+@app.command()
+@_guard
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     data: Path = DataOpt,
@@ -127,8 +150,10 @@ def methods() -> None:
 
     for name, target in METHODS.items():
         module, attr = target.split(":")
-        doc = (getattr(importlib.import_module(module), attr).__doc__ or "").strip().splitlines()
-        typer.echo(f"{name:<16} {doc[0] if doc else ''}")
+        cls = getattr(importlib.import_module(module), attr)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        kind = "pre-train" if getattr(cls, "kind", "train") == "pretrain" else "train"
+        typer.echo(f"{name:<16} {kind:<10} {doc[0] if doc else ''}")
 
 
 @app.command()
@@ -184,23 +209,30 @@ def recipes() -> None:
 def profile(
     out: Path | None = typer.Option(None, "--out", help="Also write the figures as JSON here."),
     steps: int = typer.Option(8, "--steps", help="Timed steps per config (after 2 warm-up steps)."),
+    methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
 ) -> None:
-    """Time per training step, samples/s, data-wait share and peak RSS of the default 2-D and 3-D configs."""
+    """Step time, samples/s, data wait, peak RSS and FLOP/s vs this machine's peak, per method, 2-D and 3-D."""
     import json
 
-    from frugalseg.eval.profile import profile_all
+    from frugalseg.atomic import write_atomic
+    from frugalseg.eval.profile import format_table, profile_all
+    from frugalseg.registry import METHODS
 
-    result = profile_all(steps)
-    typer.echo(f"{'config':<12} {'method':<11} {'patch':<14} {'batch':>5} {'s/step':>7} {'samples/s':>9} "
-               f"{'data %':>6} {'peak RSS MB':>11}")
-    for r in result["runs"]:
-        typer.echo(f"{r['config']:<12} {r['method']:<11} {'x'.join(map(str, r['patch'])):<14} {r['batch']:>5} "
-                   f"{r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.1f} "
-                   f"{100 * r['data_fraction']:>6.1f} {r['peak_rss_mb']:>11.0f}")
-    typer.echo(f"threads: {result['threads']}, torch {result['torch']}")
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(METHODS)
+    for m in chosen:
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
+    if out is not None and out.exists() and not force:
+        raise UserError(f"--out {out}: exists (add --force to overwrite)")
+    result = profile_all(steps, chosen, progress=_say)
+    typer.echo(format_table(result))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+        except OSError as exc:
+            raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
         typer.echo(f"written {out}")
 
 

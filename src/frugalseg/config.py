@@ -232,18 +232,24 @@ def dataset_preset_path(data_format: str) -> Path:
     return configs_dir() / f"dataset-{data_format}.yaml"
 
 
+def method_preset_path(method: str) -> Path:
+    return configs_dir() / f"method-{method}.yaml"
+
+
 def build_config(
     spatial_dims: int,
     config_file: Path | None = None,
     overrides: list[str] | None = None,
     extra: list[dict[str, Any]] | None = None,
     data_format: str | None = None,
+    method: str | None = None,
 ) -> Config:
     """Resolve a :class:`Config` from the default preset for ``spatial_dims``, a file and overrides.
 
     Order (later wins): dataclass defaults, ``configs/default-{2,3}d.yaml``, ``configs/dataset-<format>.yaml``
-    when it exists for the data's layout (only if the run keeps that layout's default dimensionality), ``extra``
-    mappings (e.g. a recipe stage), ``config_file``, ``--set`` overrides. A file or ``--set`` that sets
+    when it exists for the data's layout (only if the run keeps that layout's default dimensionality),
+    ``configs/method-<method>.yaml`` when it exists, ``extra`` mappings (e.g. a recipe stage), ``config_file``,
+    ``--set`` overrides. A file or ``--set`` that sets
     ``data.spatial_dims`` switches the preset first.
     """
     default_dims = spatial_dims
@@ -265,6 +271,8 @@ def build_config(
     _merge(cfg, read_yaml(preset_path(spatial_dims)), "", str(preset_path(spatial_dims).name))
     if data_format is not None and spatial_dims == default_dims and dataset_preset_path(data_format).is_file():
         _merge(cfg, read_yaml(dataset_preset_path(data_format)), "", dataset_preset_path(data_format).name)
+    if method is not None and method_preset_path(method).is_file():
+        _merge(cfg, read_yaml(method_preset_path(method)), "", method_preset_path(method).name)
     for source, layer in layers:
         _merge(cfg, layer, "", source)
     validate(cfg)

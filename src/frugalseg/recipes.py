@@ -5,8 +5,9 @@ followed by exactly one training stage that starts from the last pre-trained wei
 
     description: one line
     stages:
+      - method: byol              # pre-training: every training image, no labels
+        set: {train: {steps: 1000}} # optional config overrides for this stage
       - method: supervised        # the last stage trains with the N labelled volumes
-        set: {train: {steps: 500}} # optional config overrides for this stage
 """
 
 from __future__ import annotations
@@ -60,7 +61,27 @@ def load_recipe(name: str) -> Recipe:
         if not isinstance(overrides, dict):
             raise UserError(f"{path}: stage {i + 1} 'set' must be a mapping")
         parsed.append(Stage(st["method"], overrides))
-    if len(parsed) > 1:
-        # pre-training stages run with the methods of later issues through the same training loop
-        raise UserError(f"{path}: pre-training stages are not supported yet by this version of frugalseg")
+    from frugalseg.registry import METHODS, method_kind
+
+    for i, st in enumerate(parsed):
+        if st.method not in METHODS:
+            raise UserError(f"{path}: stage {i + 1}: unknown method {st.method!r} (choose from {', '.join(METHODS)})")
+        want = "train" if i == len(parsed) - 1 else "pretrain"
+        if method_kind(st.method) != want:
+            where = "the last stage must be a training method" if want == "train" else (
+                "only the last stage may train with labels; earlier stages must be pre-training methods")
+            raise UserError(f"{path}: stage {i + 1} ({st.method}): {where}")
     return Recipe(name, str(data.get("description", "")), parsed[:-1], parsed[-1])
+
+
+def stage_key(stages: list[Stage], sets: list[str]) -> str:
+    """A folder name for the pre-training chain ``stages`` under ``--set`` values ``sets``.
+
+    Equal chains get equal keys, so recipes that share a prefix (``gcl-gd`` and ``gcl-gd+lcl-lr``) share its
+    pre-trained weights.
+    """
+    import hashlib
+    import json
+
+    text = json.dumps([[st.method, st.overrides] for st in stages] + [sorted(sets)], sort_keys=True)
+    return "+".join(st.method for st in stages) + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -9,6 +9,7 @@ from frugalseg.errors import UserError
 
 METHODS: dict[str, str] = {
     "supervised": "frugalseg.methods.supervised:Supervised",
+    "byol": "frugalseg.methods.byol:BYOL",
 }
 
 NETWORKS: dict[str, str] = {
@@ -27,6 +28,11 @@ def resolve(table: dict[str, str], name: str, option: str) -> Any:
         raise UserError(f"{option}: unknown name {name!r} (choose from {', '.join(sorted(table))})")
     module, attr = table[name].split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def method_kind(name: str) -> str:
+    """``pretrain`` (unlabelled images only) or ``train`` (uses the N labelled volumes)."""
+    return getattr(resolve(METHODS, name, "--method"), "kind", "train")
 
 
 def build_network(model_cfg, spatial_dims: int, in_channels: int, out_channels: int):

@@ -63,7 +63,7 @@ def _versions() -> dict[str, str]:
 def train(
     data: Path | str,
     method: str,
-    labeled: int,
+    labeled: int | None,
     seed: int,
     out: Path | str,
     init: Path | str | None = None,
@@ -77,8 +77,10 @@ def train(
 ) -> dict[str, Any]:
     """Train ``method`` with ``labeled`` volumes picked by ``seed``; write everything to ``out``.
 
-    ``out`` receives ``config.yaml`` (resolved), ``split.json`` (which cases were labelled), ``run.json``
-    (method, data, versions, git revision), ``log.jsonl`` + ``tb/``, ``checkpoint.pt`` and finally ``model.pt``.
+    With ``labeled=None`` the method is a pre-training method and sees every training image, without labels
+    (see :func:`pretrain`). ``out`` receives ``config.yaml`` (resolved), ``split.json`` (which cases were
+    labelled), ``run.json`` (method, data, versions, git revision), ``log.jsonl`` + ``tb/``, ``checkpoint.pt``
+    and finally ``model.pt``.
     """
 
     from frugalseg.data.preprocess import Preprocessor
@@ -92,10 +94,15 @@ def train(
     from frugalseg.engine.trainer import fit
     from frugalseg.eval.inference import MODEL_FILE
     from frugalseg.nn.weights import load_pretrained
-    from frugalseg.registry import METHODS, build_method, build_network, resolve
+    from frugalseg.registry import METHODS, build_method, build_network, method_kind, resolve
 
     out = Path(out)
     resolve(METHODS, method, "--method")
+    kind = method_kind(method)
+    if labeled is None and kind != "pretrain":
+        raise UserError(f"--method {method}: not a pre-training method (use `frugalseg train`)")
+    if labeled is not None and kind == "pretrain":
+        raise UserError(f"--method {method}: a pre-training method (use `frugalseg pretrain`)")
     source = open_source(data)
     if resume:
         prepare_dir(out, resume=True, force=False)
@@ -110,8 +117,8 @@ def train(
         # a checkpoint already holds the initialised weights; without one the run restarts from the recorded init
         init = None if (out / "checkpoint.pt").is_file() else meta.get("init")
     else:
-        cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config, source.format)
-        split = few_label_split(source, labeled, seed)
+        cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config, source.format, method)
+        split = few_label_split(source, labeled, seed) if labeled is not None else pretrain_split(source)
         if init is not None and not Path(init).is_file():
             raise UserError(f"--init {init}: weights file not found")
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -123,11 +130,15 @@ def train(
     device = pick_device()
     pre = Preprocessor(cfg.data.normalisation, tuple(cfg.data.percentiles),
                        tuple(cfg.data.spacing) if cfg.data.spacing else None, cfg.data.spatial_dims)
-    volumes = [pre(source.load(case)) for case in split["labelled_cases"]]
+    if labeled is None:
+        volumes = [pre(source.load(case)).without_label() for case in split["unlabelled_cases"]]
+    else:
+        volumes = [pre(source.load(case)) for case in split["labelled_cases"]]
     if cfg.data.spatial_dims == 3 and any(v.image.ndim != 4 for v in volumes):
         raise UserError(f"--data {source.root}: 2-D images cannot train a 3-D model (set data.spatial_dims=2)")
     sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
-                           cfg.data.foreground_oversample, cfg.data.augment)
+                           cfg.data.foreground_oversample, cfg.data.augment,
+                           views=getattr(resolve(METHODS, method, "--method"), "views", 1))
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
     load_report = load_pretrained(net, init) if init is not None else None
 
@@ -147,9 +158,10 @@ def train(
     module = build_method(method, net, cfg.method)
     optimizer = build_optimizer(module.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+    what = "pre-training" if labeled is None else f"N={labeled}"
     t0 = time.perf_counter()
     result = fit(module, sampler.batch, optimizer, scheduler, cfg.train, out, device, resume=resume,
-                 show_progress=show_progress, description=f"{method} N={labeled} seed={seed}")
+                 show_progress=show_progress, description=f"{method} {what} seed={seed}")
     net_state = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
     model_meta = {"config": cfg.to_dict(), "class_names": source.class_names, "in_channels": source.in_channels,
                   "method": method}
@@ -162,9 +174,25 @@ def train(
     if log:
         from frugalseg.eval.plots import learning_curve
 
-        learning_curve(log, out / "learning_curve.png", f"{method}, {labeled} labelled, seed {seed}")
+        learning_curve(log, out / "learning_curve.png",
+                       f"{method}, {'pre-training' if labeled is None else f'{labeled} labelled'}, seed {seed}")
     return {"run_dir": str(out), "steps": result.steps, "seconds": meta["train_seconds"],
             "final_loss": result.last_loss, "labelled_cases": split["labelled_cases"]}
+
+
+def pretrain(data: Path | str, method: str, seed: int, out: Path | str, **kwargs: Any) -> dict[str, Any]:
+    """Pre-train ``method`` on every training image of ``data`` (labels are never read); see :func:`train`.
+
+    ``model.pt`` holds the network only (projection heads, predictors and teachers are dropped), ready for
+    ``frugalseg train --init``.
+    """
+    return train(data, method, None, seed, out, **kwargs)
+
+
+def pretrain_split(source) -> dict[str, Any]:
+    """What a pre-training run sees: every training case, as images only."""
+    return {"labeled": None, "format": source.format, "data": str(source.root), "labelled_cases": [],
+            "unlabelled_cases": list(source.cases("train")), "val_cases": source.cases("val")}
 
 
 def demo(out: Path | str, force: bool = False, show_progress: bool = True, report=print,

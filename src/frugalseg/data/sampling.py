@@ -41,6 +41,11 @@ class PatchSampler:
         seed: base seed; batch ``k`` uses ``(seed, k)``.
         foreground_oversample: probability that a sample is centred on a labelled foreground voxel.
         augment: augmentation settings, or ``None`` for plain crops.
+        views: 1, or 2 for two independently augmented views of the same crops (``image``, ``view2``), as
+            two-view pre-training methods need.
+
+    Every batch also holds ``volume`` (index of the source volume, ``(B,)``) and ``position`` (the crop centre
+    relative to the volume extent in training axis order: ``(B,)`` slice position for 2-D, ``(B, 3)`` for 3-D).
     """
 
     def __init__(
@@ -52,7 +57,11 @@ class PatchSampler:
         seed: int,
         foreground_oversample: float = 0.33,
         augment: AugmentConfig | None = None,
+        views: int = 1,
     ) -> None:
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
+        self.views = views
         if not volumes:
             raise ValueError("PatchSampler needs at least one volume")
         self.dims = spatial_dims
@@ -105,7 +114,7 @@ class PatchSampler:
         """The batch for training step ``step`` (deterministic in ``(seed, step)``)."""
         rng = np.random.default_rng([self.seed, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        images, labels = [], []
+        images, labels, vol_index, position = [], [], [], []
         for _ in range(self.batch_size):
             v = int(rng.choice(len(self.images), p=self.volume_p))
             full = self.images[v].shape[1:]
@@ -120,13 +129,24 @@ class PatchSampler:
             img, lab = self._crop(v, centre)
             images.append(img)
             labels.append(lab)
-        image = torch.from_numpy(np.stack(images))
+            vol_index.append(v)
+            position.append((np.asarray(centre, dtype=np.float64) + 0.5) / np.asarray(full))
+        crops = torch.from_numpy(np.stack(images))
         label = torch.from_numpy(np.stack(labels)) if self.has_labels else None
-        if self.augment is not None:
-            params = draw_spatial(self.batch_size, self.dims, self.augment, gen)
-            image, label = apply_spatial(image, label, params, self.patch)
-            image = apply_intensity(image, draw_intensity(self.batch_size, self.augment, gen), gen)
-        out = {"image": image.contiguous()}
+        image, label = self._augment(crops, label, gen)
+        out = {"image": image.contiguous(), "volume": torch.tensor(vol_index, dtype=torch.int64)}
+        pos = torch.tensor(np.stack(position), dtype=torch.float32)
+        out["position"] = pos[:, 0] if self.dims == 2 else pos
         if label is not None:
             out["label"] = label
+        if self.views == 2:
+            out["view2"] = self._augment(crops, None, gen)[0].contiguous()
         return out
+
+    def _augment(self, image: torch.Tensor, label: torch.Tensor | None,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.augment is None:
+            return image, label
+        params = draw_spatial(self.batch_size, self.dims, self.augment, gen)
+        image, label = apply_spatial(image, label, params, self.patch)
+        return apply_intensity(image, draw_intensity(self.batch_size, self.augment, gen), gen), label

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +28,10 @@ class Volume:
     @property
     def spatial_shape(self) -> tuple[int, ...]:
         return tuple(self.image.shape[1:])
+
+    def without_label(self) -> Volume:
+        """The same image with no label (what pre-training sees)."""
+        return replace(self, label=None)
 
 
 def slice_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:

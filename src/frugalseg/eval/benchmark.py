@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from frugalseg.atomic import write_atomic
 from frugalseg.errors import UserError
 from frugalseg.eval.plots import pyplot
-from frugalseg.recipes import load_recipe
+from frugalseg.recipes import load_recipe, stage_key
 
 MANIFEST = "benchmark.json"
 
@@ -57,10 +57,14 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     from frugalseg.data.readers import open_source
     from frugalseg.eval.evaluate import evaluate_model
     from frugalseg.eval.inference import load_model
-    from frugalseg.run import train
+    from frugalseg.run import pretrain, train
 
     # check everything before writing anything
     loaded = [load_recipe(r) for r in recipes]
+    if len(set(recipes)) != len(recipes):
+        raise UserError(f"--recipes: a recipe is listed twice ({','.join(recipes)})")
+    if len(set(labeled)) != len(labeled) or len(set(seeds)) != len(seeds):
+        raise UserError("--labeled/--seeds: a value is listed twice")
     source = open_source(data)
     eval_source = open_source(eval_data) if eval_data is not None else source
     if not eval_source.cases(split):
@@ -69,7 +73,9 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     for n in labeled:
         if n < 1 or n > pool:
             raise UserError(f"--labeled {n}: must be between 1 and the {pool} labelled training volume(s)")
-    build_config(source.default_spatial_dims, None, sets or [], data_format=source.format)  # validates --set
+    for recipe in loaded:  # validates every stage's config under --set
+        for st in [*recipe.pretrain, recipe.train]:
+            build_config(source.default_spatial_dims, None, sets or [], [st.overrides], source.format, st.method)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: exists and is not a benchmark folder")
@@ -77,42 +83,88 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
-    manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split,
-                "recipes": recipes, "labeled": labeled, "seeds": seeds, "set": sets or []}
-    _write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split, "set": sets or []}
+    if (out / MANIFEST).is_file():  # continuing (or extending) a benchmark: the fixed settings must agree
+        before = json.loads((out / MANIFEST).read_text())
+        for key, option in (("data", "--data"), ("eval_data", "--eval-data"), ("split", "--split"), ("set", "--set")):
+            if before.get(key) != manifest[key]:
+                raise UserError(f"--out {out}: this benchmark was started with {option} {before.get(key)!r}, "
+                                f"not {manifest[key]!r} (use another --out)")
+    _write_text(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labeled": labeled, "seeds": seeds},
+                                           indent=1))
 
     cells = [(r, n, s) for r in loaded for n in labeled for s in seeds]
+    stages = {chain_dir(out, r, s, sets, upto=i + 1) for r in loaded for s in seeds for i in range(len(r.pretrain))}
     rows: list[dict[str, Any]] = []
-    bar = tqdm(cells, desc="benchmark", disable=None if show_progress else True, unit="cell")
-    for recipe, n, s in bar:
+    bar = tqdm(total=len(cells) + len(stages), desc="benchmark",
+               disable=None if show_progress else True, unit="job")
+    finished_stages: set[Path] = set()
+    for recipe, n, s in cells:
         cell_dir = out / "runs" / recipe.name / f"n{n}_s{s}"
         done = cell_dir / "cell.json"
-        bar.set_postfix(cell=f"{recipe.name} N={n} seed={s}")
+        init, pre_seconds = None, 0.0
+        for i, st in enumerate(recipe.pretrain):  # each chain runs once per seed, shared by every N and recipe
+            stage_dir = chain_dir(out, recipe, s, sets, upto=i + 1)
+            if stage_dir not in finished_stages:
+                bar.set_postfix(job=f"pre-train {st.method} seed={s}")
+                if not done.is_file():
+                    _run_stage(stage_dir, pretrain, source.root, st.method, s, init=init, sets=list(sets or []),
+                               extra_config=[st.overrides] if st.overrides else None, show_progress=False,
+                               report=report)
+                finished_stages.add(stage_dir)
+                bar.update(1)
+            init = stage_dir / "model.pt"
+            pre_seconds += _finished(stage_dir) or 0.0
+        bar.set_postfix(job=f"{recipe.name} N={n} seed={s}")
         if done.is_file():
             rows.append(json.loads(done.read_text()))
+            bar.update(1)
             continue
-        resume = (cell_dir / "run.json").is_file() and json.loads((cell_dir / "run.json").read_text()).get(
-            "status") == "running" and (cell_dir / "checkpoint.pt").is_file()
-        if not resume and cell_dir.exists():
-            shutil.rmtree(cell_dir)  # an unfinished cell of this benchmark that never checkpointed
-        stage_sets = list(sets or [])
         t0 = time.perf_counter()
-        summary = train(source.root, recipe.train.method, n, s, cell_dir, sets=stage_sets,
-                        extra_config=[recipe.train.overrides] if recipe.train.overrides else None,
-                        resume=resume, show_progress=False, report=report)
+        _run_stage(cell_dir, train, source.root, recipe.train.method, n, s, init=init, sets=list(sets or []),
+                   extra_config=[recipe.train.overrides] if recipe.train.overrides else None, show_progress=False,
+                   report=report)
         wall = time.perf_counter() - t0
         results, _ = evaluate_model(load_model(cell_dir), eval_source.root, split, show_progress=False)
         _write_text(cell_dir / f"eval_{split}.json", json.dumps(results, indent=1))
         row = {"recipe": recipe.name, "labeled": n, "seed": s, "split": split,
                "mean_dice": results["mean_dice"], **{f"dice_{k}": v for k, v in results["per_class_dice"].items()},
-               "mean_hd95": results["mean_hd95"], "train_seconds": summary["seconds"], "pretrain_seconds": 0.0,
-               "wall_seconds": wall}
+               "mean_hd95": results["mean_hd95"], "train_seconds": _finished(cell_dir),
+               "pretrain_seconds": pre_seconds, "wall_seconds": wall}
         _write_text(done, json.dumps(row, indent=1))
         rows.append(row)
+        bar.update(1)
     bar.close()
     write_outputs(rows, out, eval_source.format, eval_source.class_names)
     plot_overlays(out, loaded, labeled, seeds, eval_source, split)
     return rows
+
+
+def chain_dir(out: Path, recipe, seed: int, sets: list[str] | None, upto: int | None = None) -> Path:
+    """Where the pre-training chain ``recipe.pretrain[:upto]`` (default: all of it) of ``seed`` is written."""
+    stages = recipe.pretrain[: len(recipe.pretrain) if upto is None else upto]
+    return out / "pretrain" / stage_key(stages, list(sets or [])) / f"s{seed}"
+
+
+def _finished(run_dir: Path) -> float | None:
+    """The training seconds of a finished run in ``run_dir``, ``None`` when it has not finished."""
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("status") == "finished" and (run_dir / "model.pt").is_file():
+        return float(meta.get("train_seconds", 0.0))
+    return None
+
+
+def _run_stage(run_dir: Path, start, *args, **kwargs) -> None:
+    """``start(*args, run_dir, resume=..., **kwargs)`` unless it already finished; resumed when it checkpointed."""
+    if _finished(run_dir) is not None:
+        return
+    resume = (run_dir / "run.json").is_file() and (run_dir / "checkpoint.pt").is_file()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run of this benchmark that never checkpointed
+    start(*args, run_dir, resume=resume, **kwargs)
 
 
 def plot_overlays(out: Path, recipes, labeled: list[int], seeds: list[int], eval_source, split: str) -> None:
@@ -182,6 +234,13 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
             xs = by[(rec, n)]
             lines.append(f"| {rec} | {n} | " + " | ".join(f"{np.mean([x[f'dice_{k}'] for x in xs]):.3f}" for k in fg)
                          + f" | {np.mean([x['mean_hd95'] for x in xs]):.1f} |")
+    lines += ["", "Compute per run on this machine (seconds; pre-training is shared by every N of a seed):", "",
+              "| recipe | pre-training per seed | training per cell (mean) |", "|---|---|---|"]
+    for rec in recipes:
+        xs = [x for x in rows if x["recipe"] == rec]
+        per_seed = {x["seed"]: float(x.get("pretrain_seconds") or 0.0) for x in xs}
+        lines.append(f"| {rec} | {np.mean(list(per_seed.values())):.0f} | "
+                     f"{np.mean([float(x['train_seconds'] or 0.0) for x in xs]):.0f} |")
     if data_format == "ssl4mis_h5":
         lines += ["", "Published (ACDC, mean foreground Dice):", "",
                   "| recipe | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]

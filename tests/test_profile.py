@@ -1,0 +1,72 @@
+"""The speed profile: FLOP counting against known values, the peak measurement, the table and the CLI."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from frugalseg.cli import app
+from frugalseg.eval import profile as prof
+from frugalseg.methods.base import StepOutput
+
+
+class OneConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Conv2d(3, 5, 3, padding=1, bias=False)
+
+    def training_step(self, batch, progress):
+        return StepOutput(self.net(batch["image"]).square().mean())
+
+
+def test_step_flops_counts_forward_and_backward_of_a_convolution():
+    x = torch.randn(2, 3, 8, 8, requires_grad=False)
+    forward = 2 * 2 * 8 * 8 * 3 * 5 * 9
+    # backward: grad w.r.t. the weight only (the input needs none) = one more convolution's worth
+    assert prof.step_flops(OneConv(), {"image": x}, bf16=False) == 2 * forward
+    assert prof.step_flops(OneConv(), {"image": x.requires_grad_(True)}, bf16=False) == 3 * forward
+
+
+def test_conv_throughput_is_flops_over_time(monkeypatch):
+    ticks = iter(range(100))
+    monkeypatch.setattr(prof.time, "perf_counter", lambda: next(ticks) * 0.5)  # every call takes 0.5 s
+    flops = prof.conv_throughput((1, 2, 4, 4), 3, torch.float32, repeats=2)
+    assert flops == pytest.approx(2 * 1 * 16 * 2 * 3 * 9 / 0.5)
+
+
+def test_native_bf16_reads_cpu_flags(monkeypatch):
+    monkeypatch.setattr(prof, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert prof.native_bf16()
+    monkeypatch.setattr(prof, "cpu_flags", lambda: {"avx512f"})
+    assert not prof.native_bf16()
+
+
+def test_profile_cli_table_and_json(tmp_path, monkeypatch):
+    fake_peak = {"conv2d_fp32_flops": 2e11, "conv2d_bf16_flops": 1e11, "conv3d_fp32_flops": 2e11,
+                 "conv3d_bf16_flops": 1e11, "peak_flops": 2e11, "native_bf16": False}
+
+    def fake_run(dims, method, steps, warmup, sets, threads):
+        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "bf16": False,
+                "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0, "data_fraction": 0.05,
+                "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(prof, "_in_fresh_process", lambda fn, *a: fake_peak if fn is prof._peak_job else fake_run(*a))
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["config"] for r in data["runs"]] == ["default-2d", "default-3d"]
+    assert data["runs"][0]["fraction_of_peak"] == pytest.approx(0.5)
+    assert "supervised" in result.output and "   50 " in result.output  # % of peak column
+    again = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--out", str(out)])
+    assert again.exit_code == 2 and "exists (add --force" in again.output
+    bad = CliRunner().invoke(app, ["profile", "--methods", "nope"])
+    assert bad.exit_code == 2 and "--methods: unknown method 'nope'" in bad.output
+
+
+def test_profile_config_runs_a_real_step():
+    row = prof.profile_config(2, "supervised", steps=1, warmup=0,
+                              sets=["data.batch_size=2", "model.channels=[4,8]", "data.patch_size=[32,32]"])
+    assert row["flops_per_step"] > 0 and row["seconds_per_step"] > 0
+    assert 0 <= row["data_fraction"] < 1
