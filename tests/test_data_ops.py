@@ -88,6 +88,25 @@ def test_sampler_is_deterministic_per_step_and_keeps_labels_aligned():
     assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 3}
 
 
+def test_two_views_share_the_crop_and_record_where_it_came_from():
+    image = np.arange(40 * 40 * 6, dtype=np.float32).reshape(1, 40, 40, 6)  # slice axis 2 (spacing 6 mm)
+    vols = [Volume(f"v{i}", image + 100_000 * i, None, np.eye(4), (1.5, 1.5, 6.0)) for i in range(2)]
+    plain = PatchSampler(vols, 2, (40, 40), 6, seed=3, views=2).batch(0)
+    torch.testing.assert_close(plain["view2"], plain["image"])  # no augmentation: the same crop twice
+    assert set(plain["volume"].tolist()) == {0, 1}
+    for k in range(6):  # every voxel value encodes (volume, slice): both agree with the recorded metadata
+        v, z = int(plain["volume"][k]), int(plain["position"][k] * 6)
+        inside = plain["image"][k, 0][plain["image"][k, 0] != 100_000 * v]  # drop the padding (volume minimum)
+        assert inside.numel() > 0
+        assert ((inside // 100_000) == v).all() and ((inside % 100_000) % 6 == z).all()
+    aug = PatchSampler(vols, 2, (32, 32), 3, seed=3, augment=AugmentConfig(), views=2)
+    one = PatchSampler(vols, 2, (32, 32), 3, seed=3, augment=AugmentConfig())
+    b = aug.batch(4)
+    torch.testing.assert_close(b["image"], one.batch(4)["image"])  # the first view is the single-view batch
+    assert not torch.equal(b["image"], b["view2"])
+    assert "label" not in b and b["position"].shape == (3,)
+
+
 def test_2d_models_resample_in_plane_whatever_the_slice_axis():
     pre = Preprocessor("none", spacing=(1.5, 1.5), spatial_dims=2)
     h5_like = Volume("a", np.zeros((1, 9, 150, 120), np.float32), None, np.eye(4), (10.0, 1.0, 1.0))
