@@ -21,9 +21,11 @@ def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
     vols = [Preprocessor()(src.load(c)) for c in src.cases("train")[:2]]
     if method_kind(name) == "pretrain":
         vols = [v.without_label() for v in vols]
+    if dims not in getattr(resolve(METHODS, name, "m"), "spatial_dims", (2, 3)):
+        pytest.skip(f"{name} does not support {dims}-D data")
     patch = (32, 32) if dims == 2 else (24, 24, 24)
-    sampler = PatchSampler(vols, dims, patch, 2, seed=0, views=getattr(resolve(METHODS, name, "m"), "views", 1))
     method = build_method(name, UNet(dims, 1, src.num_classes, (4, 8, 16)), {})
+    sampler = PatchSampler(vols, dims, patch, 4, seed=0, **getattr(method, "sampling", {}))
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
     cfg = Config()
     cfg.train.steps, cfg.train.log_every = 2, 1

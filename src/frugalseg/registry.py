@@ -9,6 +9,7 @@ from frugalseg.errors import UserError
 
 METHODS: dict[str, str] = {
     "supervised": "frugalseg.methods.supervised:Supervised",
+    "gcl": "frugalseg.methods.gcl:GlobalContrastive",
     "byol": "frugalseg.methods.byol:BYOL",
 }
 
@@ -35,6 +36,14 @@ def method_kind(name: str) -> str:
     return getattr(resolve(METHODS, name, "--method"), "kind", "train")
 
 
+def check_method_dims(name: str, spatial_dims: int) -> None:
+    """Refuse a method on data of a dimensionality it does not support."""
+    allowed = getattr(resolve(METHODS, name, "--method"), "spatial_dims", (2, 3))
+    if spatial_dims not in allowed:
+        raise UserError(f"--method {name}: works on {'/'.join(map(str, allowed))}-D data only "
+                        f"(set data.spatial_dims={allowed[0]})")
+
+
 def build_network(model_cfg, spatial_dims: int, in_channels: int, out_channels: int):
     """Instantiate the configured network."""
     cls = resolve(NETWORKS, model_cfg.name, "model.name")
@@ -48,5 +57,5 @@ def build_method(name: str, net, options: dict[str, Any]):
     cls = resolve(METHODS, name, "--method")
     try:
         return cls(net, **options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise UserError(f"--method {name}: bad option in config 'method' ({exc})") from None

@@ -94,7 +94,7 @@ def train(
     from frugalseg.engine.trainer import fit
     from frugalseg.eval.inference import MODEL_FILE
     from frugalseg.nn.weights import load_pretrained
-    from frugalseg.registry import METHODS, build_method, build_network, method_kind, resolve
+    from frugalseg.registry import METHODS, build_method, build_network, check_method_dims, method_kind, resolve
 
     out = Path(out)
     resolve(METHODS, method, "--method")
@@ -136,11 +136,15 @@ def train(
         volumes = [pre(source.load(case)) for case in split["labelled_cases"]]
     if cfg.data.spatial_dims == 3 and any(v.image.ndim != 4 for v in volumes):
         raise UserError(f"--data {source.root}: 2-D images cannot train a 3-D model (set data.spatial_dims=2)")
-    sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
-                           cfg.data.foreground_oversample, cfg.data.augment,
-                           views=getattr(resolve(METHODS, method, "--method"), "views", 1))
+    check_method_dims(method, cfg.data.spatial_dims)
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
     load_report = load_pretrained(net, init) if init is not None else None
+    module = build_method(method, net, cfg.method)  # after --init: EMA targets start from the loaded weights
+    try:
+        sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
+                               cfg.data.foreground_oversample, cfg.data.augment, **getattr(module, "sampling", {}))
+    except ValueError as exc:
+        raise UserError(f"--method {method}: {exc} (data.batch_size={cfg.data.batch_size})") from None
 
     if resume and load_report is not None:
         report(f"--init {init}: {load_report.summary()} (no checkpoint yet: restarting from the initial weights)")
@@ -155,7 +159,6 @@ def train(
         if load_report is not None:
             report(f"--init {init}: {load_report.summary()}")
             _write_json(load_report.to_dict(), out / "init_report.json")
-    module = build_method(method, net, cfg.method)
     optimizer = build_optimizer(module.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
     what = "pre-training" if labeled is None else f"N={labeled}"

@@ -43,6 +43,8 @@ class PatchSampler:
         augment: augmentation settings, or ``None`` for plain crops.
         views: 1, or 2 for two independently augmented views of the same crops (``image``, ``view2``), as
             two-view pre-training methods need.
+        partitions: 0 for independent samples; ``S > 0`` for batches of ``batch_size / S`` volumes with one slice
+            from each of their ``S`` partitions (Chaitanya et al.'s G^D batches); 2-D only.
 
     Every batch also holds ``volume`` (index of the source volume, ``(B,)``) and ``position`` (the crop centre
     relative to the volume extent in training axis order: ``(B,)`` slice position for 2-D, ``(B, 3)`` for 3-D).
@@ -58,10 +60,13 @@ class PatchSampler:
         foreground_oversample: float = 0.33,
         augment: AugmentConfig | None = None,
         views: int = 1,
+        partitions: int = 0,
     ) -> None:
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
-        self.views = views
+        if partitions and (spatial_dims != 2 or batch_size % partitions):
+            raise ValueError(f"partitioned batches need 2-D slices and a batch size divisible by {partitions}")
+        self.views, self.partitions = views, partitions
         if not volumes:
             raise ValueError("PatchSampler needs at least one volume")
         self.dims = spatial_dims
@@ -115,17 +120,8 @@ class PatchSampler:
         rng = np.random.default_rng([self.seed, step])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         images, labels, vol_index, position = [], [], [], []
-        for _ in range(self.batch_size):
-            v = int(rng.choice(len(self.images), p=self.volume_p))
+        for v, centre in self._partitioned(rng) if self.partitions else self._random(rng):
             full = self.images[v].shape[1:]
-            fg = self.foreground[v]
-            if len(fg) and rng.random() < self.fg_prob:
-                centre = fg[rng.integers(len(fg))]
-            else:
-                centre = np.array([rng.integers(n) for n in full])
-                if self.dims == 3:  # keep 3-D patches mostly inside small volumes
-                    centre = np.array([rng.integers(min(w // 2, n // 2), max(n - w // 2, n // 2) + 1)
-                                       for w, n in zip(self.window, full)])
             img, lab = self._crop(v, centre)
             images.append(img)
             labels.append(lab)
@@ -142,6 +138,42 @@ class PatchSampler:
         if self.views == 2:
             out["view2"] = self._augment(crops, None, gen)[0].contiguous()
         return out
+
+    def _inner_centre(self, rng: np.random.Generator, v: int) -> np.ndarray:
+        """A centre that keeps the crop window inside the volume where the volume is large enough."""
+        full = self.images[v].shape[1:]
+        win = self.window if self.dims == 3 else (1, *self.window)
+        return np.array([rng.integers(min(w // 2, n // 2), max(n - w // 2, n // 2) + 1) for w, n in zip(win, full)])
+
+    def _random(self, rng: np.random.Generator):
+        for _ in range(self.batch_size):
+            v = int(rng.choice(len(self.images), p=self.volume_p))
+            full = self.images[v].shape[1:]
+            fg = self.foreground[v]
+            if len(fg) and rng.random() < self.fg_prob:
+                centre = fg[rng.integers(len(fg))]
+            else:
+                centre = np.array([rng.integers(n) for n in full])
+                if self.dims == 3:  # keep 3-D patches mostly inside small volumes
+                    centre = self._inner_centre(rng, v)
+            yield v, centre
+
+    def _partitioned(self, rng: np.random.Generator):
+        """``batch_size / S`` volumes, one slice from each of their ``S`` partitions along the slice axis.
+
+        Partition ``k`` of a volume with ``n`` slices holds the slices with ``(z + 0.5) / n`` in ``[k/S, (k+1)/S)``
+        (every slice belongs to one partition). In-plane the crop stays inside the image where it can.
+        """
+        s = self.partitions
+        m = self.batch_size // s
+        chosen = rng.choice(len(self.images), size=m, replace=len(self.images) < m)
+        for v in chosen:
+            n = self.images[v].shape[1]
+            for k in range(s):
+                zs = [z for z in range(n) if min(int((z + 0.5) * s / n), s - 1) == k] or [min(k * n // s, n - 1)]
+                centre = self._inner_centre(rng, int(v))
+                centre[0] = zs[int(rng.integers(len(zs)))]
+                yield int(v), centre
 
     def _augment(self, image: torch.Tensor, label: torch.Tensor | None,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -102,10 +102,10 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     pretrain = method_kind(method) == "pretrain"
     if pretrain:
         vols = [v.without_label() for v in vols]
-    sampler = PatchSampler(vols, spatial_dims, cfg.data.patch_size, cfg.data.batch_size, 0,
-                           cfg.data.foreground_oversample, cfg.data.augment, views=2 if pretrain else 1)
     net = build_network(cfg.model, spatial_dims, 1, src.num_classes)
     module = build_method(method, net, cfg.method)
+    sampler = PatchSampler(vols, spatial_dims, cfg.data.patch_size, cfg.data.batch_size, 0,
+                           cfg.data.foreground_oversample, cfg.data.augment, **getattr(module, "sampling", {}))
     set_memory_format(module, cfg.train.channels_last)
     opt = build_optimizer(module.parameters(), cfg.optim)
     device = torch.device("cpu")
@@ -154,13 +154,15 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
                 progress=None) -> dict:
     """Profile every registered method (or ``methods``) in the default 2-D and 3-D configs, plus the peak."""
     from frugalseg.engine.repro import set_threads
-    from frugalseg.registry import METHODS
+    from frugalseg.registry import METHODS, resolve
 
     threads = set_threads(0)
     peak = _in_fresh_process(_peak_job, threads)
     runs = []
     for method in methods or list(METHODS):
         for d in dims:
+            if d not in getattr(resolve(METHODS, method, "--methods"), "spatial_dims", (2, 3)):
+                continue
             if progress is not None:
                 progress(f"profiling {method} {d}-D")
             row = _in_fresh_process(profile_config, d, method, steps, 2, None, threads)

@@ -26,7 +26,7 @@ class BYOL(nn.Module):
     """
 
     kind = "pretrain"
-    views = 2
+    sampling = {"views": 2}  # two augmented views of the same crops
 
     def __init__(self, net: nn.Module, hidden: int = 1024, projection: int = 256, momentum: float = 0.99) -> None:
         super().__init__()
