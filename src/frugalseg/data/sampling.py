@@ -45,6 +45,8 @@ class PatchSampler:
             two-view pre-training methods need.
         partitions: 0 for independent samples; ``S > 0`` for batches of ``batch_size / S`` volumes with one slice
             from each of their ``S`` partitions (Chaitanya et al.'s G^D batches); 2-D only.
+        shared_spatial: with two views, one spatial transform for both (voxel ``p`` of one view is voxel ``p`` of
+            the other) and independent intensity augmentation (local contrast needs corresponding positions).
 
     Every batch also holds ``volume`` (index of the source volume, ``(B,)``) and ``position`` (the crop centre
     relative to the volume extent in training axis order: ``(B,)`` slice position for 2-D, ``(B, 3)`` for 3-D).
@@ -61,12 +63,13 @@ class PatchSampler:
         augment: AugmentConfig | None = None,
         views: int = 1,
         partitions: int = 0,
+        shared_spatial: bool = False,
     ) -> None:
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
         if partitions and (spatial_dims != 2 or batch_size % partitions):
             raise ValueError(f"partitioned batches need 2-D slices and a batch size divisible by {partitions}")
-        self.views, self.partitions = views, partitions
+        self.views, self.partitions, self.shared_spatial = views, partitions, shared_spatial
         if not volumes:
             raise ValueError("PatchSampler needs at least one volume")
         self.dims = spatial_dims
@@ -129,14 +132,22 @@ class PatchSampler:
             position.append((np.asarray(centre, dtype=np.float64) + 0.5) / np.asarray(full))
         crops = torch.from_numpy(np.stack(images))
         label = torch.from_numpy(np.stack(labels)) if self.has_labels else None
-        image, label = self._augment(crops, label, gen)
+        if self.views == 2 and self.shared_spatial and self.augment is not None:
+            # both views share one spatial transform (voxels correspond) and differ in intensity only
+            spatial = draw_spatial(self.batch_size, self.dims, self.augment, gen)
+            moved, label = apply_spatial(crops, label, spatial, self.patch)
+            image = apply_intensity(moved, draw_intensity(self.batch_size, self.augment, gen), gen)
+            second = apply_intensity(moved, draw_intensity(self.batch_size, self.augment, gen), gen)
+        else:
+            image, label = self._augment(crops, label, gen)
+            second = self._augment(crops, None, gen)[0] if self.views == 2 else None
         out = {"image": image.contiguous(), "volume": torch.tensor(vol_index, dtype=torch.int64)}
         pos = torch.tensor(np.stack(position), dtype=torch.float32)
         out["position"] = pos[:, 0] if self.dims == 2 else pos
         if label is not None:
             out["label"] = label
-        if self.views == 2:
-            out["view2"] = self._augment(crops, None, gen)[0].contiguous()
+        if second is not None:
+            out["view2"] = second.contiguous()
         return out
 
     def _inner_centre(self, rng: np.random.Generator, v: int) -> np.ndarray:
