@@ -118,10 +118,17 @@ def test_killed_benchmark_resumes_the_unfinished_cell(phantoms_2d, tmp_path, mon
     ({"labeled": "1,99"}, "--labeled 99: must be between 1 and the 5"),
     ({"labeled": ","}, "--labeled: empty list"),
     ({"labeled": "one"}, "--labeled: cannot read 'one'"),
+    ({"recipes": "random,random"}, "--recipes: a recipe is listed twice"),
+    # a later stage's bad option is found before the first stage runs (TINY nets have 2 decoder blocks)
+    ({"recipes": "gcl-gd+lcl-lr", "extra": ["--set", "data.batch_size=4"]},
+     "recipe gcl-gd+lcl-lr, stage lcl: --method lcl: bad option in config 'method' "
+     "(decoder_blocks must be in 1..2, got 3)"),
+    ({"recipes": "gcl-gd", "extra": ["--set", "data.batch_size=6"]},
+     "recipe gcl-gd, stage gcl: --method gcl: data.batch_size (6) must be a multiple of the 4 partitions"),
 ])
 def test_benchmark_bad_input(phantoms_2d, tmp_path, override, message):
     out = tmp_path / "bench"
-    args = _args(phantoms_2d, out, **{k: v for k, v in override.items()})
+    args = _args(phantoms_2d, out, **{k: v for k, v in override.items() if k != "extra"}) + override.get("extra", [])
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()

@@ -94,7 +94,7 @@ def train(
     from frugalseg.engine.trainer import fit
     from frugalseg.eval.inference import MODEL_FILE
     from frugalseg.nn.weights import load_pretrained
-    from frugalseg.registry import METHODS, build_method, build_network, check_method_dims, method_kind, resolve
+    from frugalseg.registry import METHODS, build_network, method_kind, resolve
 
     out = Path(out)
     resolve(METHODS, method, "--method")
@@ -136,15 +136,11 @@ def train(
         volumes = [pre(source.load(case)) for case in split["labelled_cases"]]
     if cfg.data.spatial_dims == 3 and any(v.image.ndim != 4 for v in volumes):
         raise UserError(f"--data {source.root}: 2-D images cannot train a 3-D model (set data.spatial_dims=2)")
-    check_method_dims(method, cfg.data.spatial_dims)
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
     load_report = load_pretrained(net, init) if init is not None else None
-    module = build_method(method, net, cfg.method)  # after --init: EMA targets start from the loaded weights
-    try:
-        sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
-                               cfg.data.foreground_oversample, cfg.data.augment, **getattr(module, "sampling", {}))
-    except ValueError as exc:
-        raise UserError(f"--method {method}: {exc} (data.batch_size={cfg.data.batch_size})") from None
+    module = check_stage(method, cfg, net)  # after --init: EMA targets start from the loaded weights
+    sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
+                           cfg.data.foreground_oversample, cfg.data.augment, **getattr(module, "sampling", {}))
 
     if resume and load_report is not None:
         report(f"--init {init}: {load_report.summary()} (no checkpoint yet: restarting from the initial weights)")
@@ -181,6 +177,19 @@ def train(
                        f"{method}, {'pre-training' if labeled is None else f'{labeled} labelled'}, seed {seed}")
     return {"run_dir": str(out), "steps": result.steps, "seconds": meta["train_seconds"],
             "final_loss": result.last_loss, "labelled_cases": split["labelled_cases"]}
+
+
+def check_stage(method: str, cfg: Config, net) -> Any:
+    """Build ``method`` around ``net`` under ``cfg`` and check what it needs from the data; one-line errors."""
+    from frugalseg.registry import build_method, check_method_dims
+
+    check_method_dims(method, cfg.data.spatial_dims)
+    module = build_method(method, net, cfg.method)
+    parts = getattr(module, "sampling", {}).get("partitions", 0)
+    if parts and cfg.data.batch_size % parts:
+        raise UserError(f"--method {method}: data.batch_size ({cfg.data.batch_size}) must be a multiple of the "
+                        f"{parts} partitions per volume")
+    return module
 
 
 def pretrain(data: Path | str, method: str, seed: int, out: Path | str, **kwargs: Any) -> dict[str, Any]:

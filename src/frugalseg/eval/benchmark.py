@@ -57,7 +57,8 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     from frugalseg.data.readers import open_source
     from frugalseg.eval.evaluate import evaluate_model
     from frugalseg.eval.inference import load_model
-    from frugalseg.run import pretrain, train
+    from frugalseg.registry import build_network
+    from frugalseg.run import check_stage, pretrain, train
 
     # check everything before writing anything
     loaded = [load_recipe(r) for r in recipes]
@@ -73,9 +74,15 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     for n in labeled:
         if n < 1 or n > pool:
             raise UserError(f"--labeled {n}: must be between 1 and the {pool} labelled training volume(s)")
-    for recipe in loaded:  # validates every stage's config under --set
+    for recipe in loaded:  # every stage's config under --set, and its method built once, before any work
         for st in [*recipe.pretrain, recipe.train]:
-            build_config(source.default_spatial_dims, None, sets or [], [st.overrides], source.format, st.method)
+            cfg = build_config(source.default_spatial_dims, None, sets or [], [st.overrides], source.format,
+                               st.method)
+            net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
+            try:
+                check_stage(st.method, cfg, net)
+            except UserError as exc:
+                raise UserError(f"recipe {recipe.name}, stage {st.method}: {exc}") from None
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: exists and is not a benchmark folder")
