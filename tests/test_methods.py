@@ -6,7 +6,7 @@ import torch
 from frugalseg.config import Config
 from frugalseg.data.preprocess import Preprocessor
 from frugalseg.data.readers import open_source
-from frugalseg.data.sampling import PatchSampler
+from frugalseg.data.sampling import method_sampler
 from frugalseg.engine.optim import build_optimizer, build_scheduler
 from frugalseg.engine.trainer import fit
 from frugalseg.nn.unet import UNet
@@ -25,7 +25,7 @@ def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
         pytest.skip(f"{name} does not support {dims}-D data")
     patch = (32, 32) if dims == 2 else (24, 24, 24)
     method = build_method(name, UNet(dims, 1, src.num_classes, (4, 8, 16)), {})
-    sampler = PatchSampler(vols, dims, patch, 4, seed=0, **getattr(method, "sampling", {}))
+    sampler = method_sampler(method, vols, vols, dims, patch, 4, 0, 0.33, None)
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
     cfg = Config()
     cfg.train.steps, cfg.train.log_every = 2, 1

@@ -85,7 +85,7 @@ def train(
 
     from frugalseg.data.preprocess import Preprocessor
     from frugalseg.data.readers import open_source
-    from frugalseg.data.sampling import PatchSampler
+    from frugalseg.data.sampling import method_sampler
     from frugalseg.data.splits import few_label_split
     from frugalseg.engine.checkpoint import save_atomic
     from frugalseg.engine.optim import build_optimizer, build_scheduler
@@ -139,8 +139,11 @@ def train(
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
     load_report = load_pretrained(net, init) if init is not None else None
     module = check_stage(method, cfg, net)  # after --init: EMA targets start from the loaded weights
-    sampler = PatchSampler(volumes, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size, seed,
-                           cfg.data.foreground_oversample, cfg.data.augment, **getattr(module, "sampling", {}))
+    unlabelled = None
+    if labeled is not None and getattr(module, "unlabelled_sampling", None) is not None:
+        unlabelled = [pre(source.load(case)) for case in split["unlabelled_cases"]]  # semi-supervised: every image
+    sampler = method_sampler(module, volumes, unlabelled, cfg.data.spatial_dims, cfg.data.patch_size,
+                             cfg.data.batch_size, seed, cfg.data.foreground_oversample, cfg.data.augment)
 
     if resume and load_report is not None:
         report(f"--init {init}: {load_report.summary()} (no checkpoint yet: restarting from the initial weights)")

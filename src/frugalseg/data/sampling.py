@@ -47,6 +47,10 @@ class PatchSampler:
             from each of their ``S`` partitions (Chaitanya et al.'s G^D batches); 2-D only.
         shared_spatial: with two views, one spatial transform for both (voxel ``p`` of one view is voxel ``p`` of
             the other) and independent intensity augmentation (local contrast needs corresponding positions).
+        weak_view2: with ``shared_spatial``, the second view gets no intensity augmentation (a mean teacher's
+            weakly augmented input; the first view is the student's strongly augmented one).
+        stream: ``None`` or an integer that separates this sampler's random stream from another sampler's with
+            the same seed (e.g. the unlabelled stream of a semi-supervised run).
 
     Every batch also holds ``volume`` (index of the source volume, ``(B,)``) and ``position`` (the crop centre
     relative to the volume extent in training axis order: ``(B,)`` slice position for 2-D, ``(B, 3)`` for 3-D).
@@ -64,12 +68,15 @@ class PatchSampler:
         views: int = 1,
         partitions: int = 0,
         shared_spatial: bool = False,
+        weak_view2: bool = False,
+        stream: int | None = None,
     ) -> None:
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
         if partitions and (spatial_dims != 2 or batch_size % partitions):
             raise ValueError(f"partitioned batches need 2-D slices and a batch size divisible by {partitions}")
         self.views, self.partitions, self.shared_spatial = views, partitions, shared_spatial
+        self.weak_view2, self.stream = weak_view2, stream
         if not volumes:
             raise ValueError("PatchSampler needs at least one volume")
         self.dims = spatial_dims
@@ -120,7 +127,7 @@ class PatchSampler:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch for training step ``step`` (deterministic in ``(seed, step)``)."""
-        rng = np.random.default_rng([self.seed, step])
+        rng = np.random.default_rng([self.seed, step] if self.stream is None else [self.seed, step, self.stream])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         images, labels, vol_index, position = [], [], [], []
         for v, centre in self._partitioned(rng) if self.partitions else self._random(rng):
@@ -137,7 +144,8 @@ class PatchSampler:
             spatial = draw_spatial(self.batch_size, self.dims, self.augment, gen)
             moved, label = apply_spatial(crops, label, spatial, self.patch)
             image = apply_intensity(moved, draw_intensity(self.batch_size, self.augment, gen), gen)
-            second = apply_intensity(moved, draw_intensity(self.batch_size, self.augment, gen), gen)
+            second = moved if self.weak_view2 else apply_intensity(
+                moved, draw_intensity(self.batch_size, self.augment, gen), gen)
         else:
             image, label = self._augment(crops, label, gen)
             second = self._augment(crops, None, gen)[0] if self.views == 2 else None
@@ -193,3 +201,31 @@ class PatchSampler:
         params = draw_spatial(self.batch_size, self.dims, self.augment, gen)
         image, label = apply_spatial(image, label, params, self.patch)
         return apply_intensity(image, draw_intensity(self.batch_size, self.augment, gen), gen), label
+
+
+class SemiSupervisedSampler:
+    """Labelled and unlabelled batches together: the labelled keys as :class:`PatchSampler` gives them, the
+    unlabelled ones prefixed ``u_`` (``u_image``, ``u_view2``, ...). Both are deterministic in ``(seed, step)``."""
+
+    def __init__(self, labelled: PatchSampler, unlabelled: PatchSampler) -> None:
+        self.labelled, self.unlabelled = labelled, unlabelled
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        out = self.labelled.batch(step)
+        out.update({f"u_{k}": v for k, v in self.unlabelled.batch(step).items()})
+        return out
+
+
+def method_sampler(method, volumes: Sequence[Volume], unlabelled: Sequence[Volume] | None, spatial_dims: int,
+                   patch_size: Sequence[int], batch_size: int, seed: int, foreground_oversample: float,
+                   augment: AugmentConfig | None):
+    """The batch source a method asks for: its ``sampling`` options on ``volumes``, plus an unlabelled stream
+    over ``unlabelled`` when it declares ``unlabelled_sampling`` (semi-supervised methods)."""
+    sampler = PatchSampler(volumes, spatial_dims, patch_size, batch_size, seed, foreground_oversample, augment,
+                           **getattr(method, "sampling", {}))
+    extra = getattr(method, "unlabelled_sampling", None)
+    if extra is None or unlabelled is None:
+        return sampler
+    stream = PatchSampler([v.without_label() for v in unlabelled], spatial_dims, patch_size, batch_size, seed, 0.0,
+                          augment, stream=1, **extra)
+    return SemiSupervisedSampler(sampler, stream)

@@ -105,20 +105,20 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells) + len(stages), desc="benchmark",
                disable=None if show_progress else True, unit="job")
-    finished_stages: set[Path] = set()
+    visited: set[Path] = set()
     for recipe, n, s in cells:
         cell_dir = out / "runs" / recipe.name / f"n{n}_s{s}"
         done = cell_dir / "cell.json"
         init, pre_seconds = None, 0.0
         for i, st in enumerate(recipe.pretrain):  # each chain runs once per seed, shared by every N and recipe
             stage_dir = chain_dir(out, recipe, s, sets, upto=i + 1)
-            if stage_dir not in finished_stages:
+            if not done.is_file() and _finished(stage_dir) is None:
                 bar.set_postfix(job=f"pre-train {st.method} seed={s}")
-                if not done.is_file():
-                    _run_stage(stage_dir, pretrain, source.root, st.method, s, init=init, sets=list(sets or []),
-                               extra_config=[st.overrides] if st.overrides else None, show_progress=False,
-                               report=report)
-                finished_stages.add(stage_dir)
+                _run_stage(stage_dir, pretrain, source.root, st.method, s, init=init, sets=list(sets or []),
+                           extra_config=[st.overrides] if st.overrides else None, show_progress=False,
+                           report=report)
+            if stage_dir not in visited:
+                visited.add(stage_dir)
                 bar.update(1)
             init = stage_dir / "model.pt"
             pre_seconds += _finished(stage_dir) or 0.0
@@ -131,9 +131,9 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
         _run_stage(cell_dir, train, source.root, recipe.train.method, n, s, init=init, sets=list(sets or []),
                    extra_config=[recipe.train.overrides] if recipe.train.overrides else None, show_progress=False,
                    report=report)
-        wall = time.perf_counter() - t0
         results, _ = evaluate_model(load_model(cell_dir), eval_source.root, split, show_progress=False)
         _write_text(cell_dir / f"eval_{split}.json", json.dumps(results, indent=1))
+        wall = time.perf_counter() - t0  # this invocation's training (or its resumed part) and evaluation
         row = {"recipe": recipe.name, "labeled": n, "seed": s, "split": split,
                "mean_dice": results["mean_dice"], **{f"dice_{k}": v for k, v in results["per_class_dice"].items()},
                "mean_hd95": results["mean_hd95"], "train_seconds": _finished(cell_dir),

@@ -87,7 +87,7 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     from frugalseg.config import build_config
     from frugalseg.data.preprocess import Preprocessor
     from frugalseg.data.readers import open_source
-    from frugalseg.data.sampling import PatchSampler
+    from frugalseg.data.sampling import method_sampler
     from frugalseg.data.synthetic import write_phantoms
     from frugalseg.engine.optim import build_optimizer
     from frugalseg.engine.repro import set_threads
@@ -104,8 +104,8 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
         vols = [v.without_label() for v in vols]
     net = build_network(cfg.model, spatial_dims, 1, src.num_classes)
     module = build_method(method, net, cfg.method)
-    sampler = PatchSampler(vols, spatial_dims, cfg.data.patch_size, cfg.data.batch_size, 0,
-                           cfg.data.foreground_oversample, cfg.data.augment, **getattr(module, "sampling", {}))
+    sampler = method_sampler(module, vols, vols, spatial_dims, cfg.data.patch_size, cfg.data.batch_size, 0,
+                             cfg.data.foreground_oversample, cfg.data.augment)
     set_memory_format(module, cfg.train.channels_last)
     opt = build_optimizer(module.parameters(), cfg.optim)
     device = torch.device("cpu")
