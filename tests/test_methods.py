@@ -24,7 +24,7 @@ def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
     if dims not in getattr(resolve(METHODS, name, "m"), "spatial_dims", (2, 3)):
         pytest.skip(f"{name} does not support {dims}-D data")
     patch = (32, 32) if dims == 2 else (24, 24, 24)
-    method = build_method(name, UNet(dims, 1, src.num_classes, (4, 8, 16)), {})
+    method = build_method(name, UNet(dims, 1, src.num_classes, (4, 8, 16, 32)), {})
     sampler = method_sampler(method, vols, vols, dims, patch, 4, 0, 0.33, None)
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
     cfg = Config()
@@ -38,3 +38,16 @@ def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
     assert moved, "no parameter moved"
     if method_kind(name) == "pretrain":
         assert "label" not in sampler.batch(0)
+
+
+@pytest.mark.parametrize("name", ["supervised", "mean_teacher"])
+def test_selfreg_switches_on_for_a_training_method(name, phantoms_2d, tmp_path):
+    import json
+
+    from frugalseg.run import train
+
+    sets = ["train.steps=2", "train.log_every=1", "data.batch_size=2", "model.channels=[4,8,16]",
+            "data.spatial_dims=2", "data.patch_size=[32,32]", "selfreg.weight=0.5"]
+    train(phantoms_2d, name, 1, 0, tmp_path / "run", sets=sets, show_progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logs and all(x["loss_selfreg_ifd"] > 0 and x["loss_selfreg_scr"] > 0 for x in logs)

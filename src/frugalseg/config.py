@@ -96,6 +96,15 @@ class EvalConfig:
 
 
 @dataclass
+class SelfRegConfig:
+    """SelfReg-UNet regulariser (Zhu et al., MICCAI 2024) on top of any training method with a U-Net; 0 = off."""
+
+    weight: float = 0.0
+    scr_weight: float = 1.0
+    ifd_weight: float = 1.0
+
+
+@dataclass
 class Config:
     """A resolved run configuration (written to ``RUN_DIR/config.yaml``)."""
 
@@ -105,6 +114,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: dict[str, Any] = field(default_factory=dict)
+    selfreg: SelfRegConfig = field(default_factory=SelfRegConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -320,6 +330,8 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "optim.lr": cfg.optim.lr,
     }
+    if cfg.selfreg.weight < 0:
+        raise UserError(f"config key 'selfreg.weight' must be 0 (off) or positive, got {cfg.selfreg.weight}")
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key '{key}' must be positive, got {value}")

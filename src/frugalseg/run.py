@@ -188,6 +188,15 @@ def check_stage(method: str, cfg: Config, net) -> Any:
 
     check_method_dims(method, cfg.data.spatial_dims)
     module = build_method(method, net, cfg.method)
+    if cfg.selfreg.weight > 0:
+        from frugalseg.methods.selfreg import SelfRegularised
+
+        if getattr(module, "kind", "train") == "pretrain":
+            raise UserError(f"config key 'selfreg.weight': SelfReg regularises training methods, not {method}")
+        try:
+            module = SelfRegularised(module, cfg.selfreg.weight, cfg.selfreg.scr_weight, cfg.selfreg.ifd_weight)
+        except ValueError as exc:
+            raise UserError(f"config key 'selfreg.weight': {exc}") from None
     parts = getattr(module, "sampling", {}).get("partitions", 0)
     if parts and cfg.data.batch_size % parts:
         raise UserError(f"--method {method}: data.batch_size ({cfg.data.batch_size}) must be a multiple of the "
