@@ -10,6 +10,7 @@ from frugalseg.errors import UserError
 METHODS: dict[str, str] = {
     "supervised": "frugalseg.methods.supervised:Supervised",
     "mean_teacher": "frugalseg.methods.mean_teacher:MeanTeacher",
+    "patchcl": "frugalseg.methods.patchcl:PatchCL",
     "gcl": "frugalseg.methods.gcl:GlobalContrastive",
     "lcl": "frugalseg.methods.lcl:LocalContrastive",
     "byol": "frugalseg.methods.byol:BYOL",

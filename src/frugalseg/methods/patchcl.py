@@ -1,0 +1,130 @@
+"""PatchCL (Basak & Yin, CVPR 2023): mean teacher + pseudo-label-guided patch contrastive learning."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frugalseg.losses.consistency import sigmoid_rampup, softmax_mse
+from frugalseg.losses.patchcl import attended_patch_features, patch_statistics, plgcl_loss, select_patches
+from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
+from frugalseg.methods.base import StepOutput
+from frugalseg.nn.ema import ema_update, frozen_copy
+
+
+class PatchCL(nn.Module):
+    """``L = L_sup + β·r(progress)·L_reg + γ·L_PLGCL`` with an EMA teacher (see ``docs/methods/patchcl.md``).
+
+    Class confidences C^k come from the labels where they exist and from the teacher's softmax on the weak view
+    elsewhere (only after ``warmup``: before it the contrastive term uses the labelled images alone). For each class
+    the patches it dominates are ranked by mean patch entropy of C^k, the most certain ``per_class`` are kept, and
+    each is embedded from a decoder feature map attended by C^k (confidence-weighted pooling over the patch). The
+    teacher's embeddings of the same patches fill per-class FIFO queues whose means and covariances define the
+    closed-form contrastive bound for the student's embeddings.
+
+    Args:
+        net: the student U-Net (kept and evaluated).
+        ema: teacher momentum.
+        consistency: β, weight of the mean-teacher consistency at the end of its ramp-up.
+        rampup: ramp-up length as a fraction of training.
+        contrast: γ, weight of the patch contrastive loss.
+        warmup: fraction of training during which only labelled images feed the contrastive loss.
+        patch: patch side in input pixels (the grid is the patch size divided by it per axis).
+        per_class: patches kept per class and step.
+        queue: queue length per class (also ζ's default).
+        embedding: embedding size D.
+        temperature, lam: τ, λ of the bound.
+        zeta: ζ, weight of the negatives (default: the queue length, as the official code's ψ).
+        feature_block: which decoder block's output is embedded (``-2``: the one before the last, half resolution).
+    """
+
+    kind = "train"
+    unlabelled_sampling = {"views": 2, "shared_spatial": True, "weak_view2": True}
+
+    def __init__(self, net: nn.Module, ema: float = 0.99, consistency: float = 0.1, rampup: float = 0.4,
+                 contrast: float = 0.5, warmup: float = 0.2, patch: int = 16, per_class: int = 16,
+                 queue: int = 512, embedding: int = 64, temperature: float = 0.2, lam: float = 4.0,
+                 zeta: float | None = None, feature_block: int = -2) -> None:
+        super().__init__()
+        channels = getattr(net, "channels", None)
+        if not channels:
+            raise ValueError("patchcl needs the U-Net (model.name=unet)")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        self.net, self.ema, self.consistency, self.rampup = net, ema, consistency, rampup
+        self.contrast, self.warmup, self.patch, self.per_class = contrast, warmup, patch, per_class
+        self.temperature, self.lam = temperature, lam
+        self.zeta = float(zeta if zeta is not None else queue)
+        self.feature_block = feature_block
+        width = int(list(reversed(channels[:-1]))[feature_block])
+        self.head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, embedding))
+        self.teacher = frozen_copy(net)
+        self.teacher_head = frozen_copy(self.head)
+        self.loss_fn = dice_ce_loss()
+        k = net.head.out_channels
+        self.register_buffer("queues", torch.zeros(k, queue, embedding))
+        self.register_buffer("queue_count", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(k, dtype=torch.long))
+
+    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k, q, d = self.queues.shape
+        means = torch.zeros(k, d, device=self.queues.device)
+        covs = torch.zeros(k, d, d, device=self.queues.device)
+        present = self.queue_count >= 2
+        for c in range(k):
+            n = int(min(self.queue_count[c].item(), q))
+            if n >= 2:
+                z = self.queues[c, :n]
+                means[c] = z.mean(0)
+                centred = z - means[c]
+                covs[c] = centred.T @ centred / n  # biased, as the official code
+        return means, covs, present
+
+    @torch.no_grad()
+    def _enqueue(self, emb: torch.Tensor, classes: torch.Tensor) -> None:
+        q = self.queues.shape[1]
+        for z, c in zip(F.normalize(emb.float(), dim=-1), classes.tolist(), strict=True):
+            self.queues[c, self.queue_ptr[c]] = z
+            self.queue_ptr[c] = (self.queue_ptr[c] + 1) % q
+            self.queue_count[c] += 1
+
+    def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
+        n = batch["image"].shape[0]
+        logits, dec = self.net.decode(self.net.encode(torch.cat([batch["image"], batch["u_image"]])))
+        sup = segmentation_loss(self.loss_fn, logits[:n], batch["label"])
+        with torch.no_grad():
+            self.teacher.train(self.training)
+            t_logits, t_dec = self.teacher.decode(self.teacher.encode(torch.cat([batch["image"], batch["u_view2"]])))
+        cons = softmax_mse(logits[n:], t_logits[n:])
+        weight = self.consistency * sigmoid_rampup(progress, self.rampup)
+
+        k = logits.shape[1]
+        onehot = F.one_hot(batch["label"], k).movedim(-1, 1).float()
+        if progress >= self.warmup:
+            conf = torch.cat([onehot, t_logits[n:].float().softmax(1)])
+            used = 2 * n
+        else:
+            conf, used = onehot, n
+        picks = select_patches(*patch_statistics(conf, self.patch), self.per_class)
+        plgcl = logits.new_zeros(())
+        if picks:
+            classes = torch.tensor([p[1] for p in picks], device=logits.device)
+            s_emb = self.head(attended_patch_features(dec[self.feature_block][:used], conf, picks, self.patch))
+            with torch.no_grad():
+                t_emb = self.teacher_head(attended_patch_features(t_dec[self.feature_block][:used], conf, picks,
+                                                                  self.patch))
+            means, covs, present = self._statistics()
+            keep = present[classes]  # classes without queue statistics yet contribute nothing this step
+            if present.sum() >= 2 and keep.any():
+                plgcl = plgcl_loss(s_emb[keep], classes[keep], means, covs, present, self.temperature, self.lam,
+                                   self.zeta)
+            self._enqueue(t_emb, classes)
+        loss = sup + weight * cons + self.contrast * plgcl
+        return StepOutput(loss, {"loss_dice_ce": sup.detach(), "loss_consistency": cons.detach(),
+                                 "loss_plgcl": plgcl.detach(), "patches": float(len(picks))})
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: float) -> None:
+        ema_update(self.teacher, self.net, self.ema)
+        ema_update(self.teacher_head, self.head, self.ema)
