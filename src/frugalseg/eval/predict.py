@@ -23,7 +23,12 @@ def predict_file(run_dir: Path, input: Path, output: Path, force: bool = False) 
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UserError(f"{output}: folder {parent} does not exist or is not writable")
-    model = load_model(run_dir)
+    if Path(run_dir).suffix == ".onnx" and Path(run_dir).is_file():
+        from frugalseg.eval.export import load_onnx_model
+
+        model = load_onnx_model(run_dir)
+    else:
+        model = load_model(run_dir)
     data, affine, zooms = read_nifti(input)
     data = check_image(data, input)
     if data.ndim == 4:
