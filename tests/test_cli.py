@@ -142,6 +142,7 @@ def test_resume_with_a_corrupt_checkpoint_is_one_line(trained, phantoms_2d, tmp_
     meta["status"] = "running"
     (copy / "run.json").write_text(json.dumps(meta))
     (copy / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    (copy / "checkpoint.prev.pt").unlink()  # no earlier checkpoint to fall back to
     before = _snapshot(copy)
     code, output = run("train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", copy, "--resume",
                        "--quiet")

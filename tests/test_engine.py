@@ -82,6 +82,36 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]  # no duplicated log lines after resume
 
 
+def test_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    method, sampler, opt, sched, cfg = _setup()
+    fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "a", torch.device("cpu"), show_progress=False)
+    reference = {k: v.clone() for k, v in method.state_dict().items()}
+
+    method, sampler, opt, sched, cfg = _setup()
+    calls = {"n": 0}
+
+    def dying(i):
+        calls["n"] += 1
+        if calls["n"] > 9:  # killed after step 9: checkpoints at 4 and 8 -> last 8, previous 4
+            raise KeyboardInterrupt
+        return sampler.batch(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(method, dying, opt, sched, cfg.train, tmp_path / "b", torch.device("cpu"), show_progress=False)
+    run = tmp_path / "b"
+    assert load_checkpoint(run / "checkpoint.prev.pt")["step"] == 4
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn write")  # the last checkpoint is damaged
+    said = []
+    method, sampler, opt, sched, cfg = _setup()
+    fit(method, sampler.batch, opt, sched, cfg.train, run, torch.device("cpu"), resume=True, show_progress=False,
+        notify=said.append)
+    assert len(said) == 1 and "checkpoint.pt: corrupt or incompatible checkpoint" in said[0]
+    assert "resuming from checkpoint.prev.pt (step 4)" in said[0]
+    assert (run / "checkpoint.damaged.pt").is_file()
+    for key, value in method.state_dict().items():  # replaying steps 5-12 gives the uninterrupted result
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     path = tmp_path / "c.pt"
     save_atomic({"step": 1}, path)

@@ -91,7 +91,7 @@ def train(
     from frugalseg.engine.optim import build_optimizer, build_scheduler
     from frugalseg.engine.repro import pick_device, seed_everything, set_threads
     from frugalseg.engine.tracking import read_log
-    from frugalseg.engine.trainer import fit
+    from frugalseg.engine.trainer import fit, has_checkpoint
     from frugalseg.eval.inference import MODEL_FILE
     from frugalseg.nn.weights import load_pretrained
     from frugalseg.registry import METHODS, build_network, method_kind, resolve
@@ -115,7 +115,7 @@ def train(
         cfg = config_from_dict(read_yaml(out / "config.yaml"), str(out / "config.yaml"))
         split = json.loads((out / "split.json").read_text())
         # a checkpoint already holds the initialised weights; without one the run restarts from the recorded init
-        init = None if (out / "checkpoint.pt").is_file() else meta.get("init")
+        init = None if has_checkpoint(out) else meta.get("init")
     else:
         cfg = build_config(source.default_spatial_dims, config_file, sets, extra_config, source.format, method)
         split = few_label_split(source, labeled, seed) if labeled is not None else pretrain_split(source)
@@ -163,7 +163,7 @@ def train(
     what = "pre-training" if labeled is None else f"N={labeled}"
     t0 = time.perf_counter()
     result = fit(module, sampler.batch, optimizer, scheduler, cfg.train, out, device, resume=resume,
-                 show_progress=show_progress, description=f"{method} {what} seed={seed}")
+                 show_progress=show_progress, description=f"{method} {what} seed={seed}", notify=report)
     net_state = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
     model_meta = {"config": cfg.to_dict(), "class_names": source.class_names, "in_channels": source.in_channels,
                   "method": method}

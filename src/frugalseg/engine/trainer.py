@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,29 @@ from frugalseg.engine.tracking import RunLog
 from frugalseg.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last one, kept in case the last is damaged
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (Path(run_dir) / CHECKPOINT).is_file() or (Path(run_dir) / PREVIOUS).is_file()
+
+
+def resume_state(run_dir: Path, notify: Callable[[str], None] | None = None) -> dict | None:
+    """The state to resume from: ``checkpoint.pt``, or the previous one when the last is unreadable (said in one
+    line through ``notify``); ``None`` when the run never checkpointed."""
+    ckpt, prev = Path(run_dir) / CHECKPOINT, Path(run_dir) / PREVIOUS
+    if ckpt.is_file():
+        try:
+            return load_checkpoint(ckpt)
+        except UserError as exc:
+            if not prev.is_file():
+                raise
+            state = load_checkpoint(prev)
+            os.replace(ckpt, ckpt.with_name("checkpoint.damaged.pt"))  # kept for inspection, never reused
+            if notify is not None:
+                notify(f"{exc}; resuming from {prev.name} (step {int(state['step'])})")
+            return state
+    return load_checkpoint(prev) if prev.is_file() else None
 
 
 @dataclass
@@ -60,6 +84,7 @@ def fit(
     resume: bool = False,
     show_progress: bool = True,
     description: str = "train",
+    notify: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train ``method`` for ``cfg.steps`` optimiser steps; ``batches(i)`` gives the i-th micro-batch.
 
@@ -73,8 +98,8 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
     start = 0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+    state = resume_state(run_dir, notify) if resume else None
+    if state is not None:
         try:
             method.load_state_dict(state["method"])
             optimizer.load_state_dict(state["optimizer"])
@@ -130,6 +155,8 @@ def fit(
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 window, n_window = {}, 0
             if done % cfg.checkpoint_every == 0 or done == total:
+                if ckpt_path.exists():
+                    os.replace(ckpt_path, run_dir / PREVIOUS)
                 save_atomic({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                              "step": done}, ckpt_path)

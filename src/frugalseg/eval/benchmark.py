@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from frugalseg.atomic import write_atomic
 from frugalseg.errors import UserError
 from frugalseg.eval.plots import pyplot
+from frugalseg.engine.trainer import has_checkpoint
 from frugalseg.recipes import load_recipe, stage_key
 
 MANIFEST = "benchmark.json"
@@ -168,7 +169,7 @@ def _run_stage(run_dir: Path, start, *args, **kwargs) -> None:
     """``start(*args, run_dir, resume=..., **kwargs)`` unless it already finished; resumed when it checkpointed."""
     if _finished(run_dir) is not None:
         return
-    resume = (run_dir / "run.json").is_file() and (run_dir / "checkpoint.pt").is_file()
+    resume = (run_dir / "run.json").is_file() and has_checkpoint(run_dir)
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run of this benchmark that never checkpointed
     start(*args, run_dir, resume=resume, **kwargs)

@@ -50,7 +50,7 @@ def load_model(run_dir: Path, device: torch.device | None = None) -> TrainedMode
         raise UserError(f"{run_dir}: run directory not found")
     path = run_dir / MODEL_FILE
     if not path.is_file():
-        hint = " (training did not finish: resume it with --resume)" if (run_dir / "checkpoint.pt").exists() else ""
+        hint = " (training did not finish: resume it with --resume)" if (run_dir / "run.json").exists() else ""
         raise UserError(f"{path}: no trained model in this run directory{hint}")
     state = load_checkpoint(path)
     try:
