@@ -20,9 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from frugalseg.atomic import write_atomic
+from frugalseg.engine.trainer import has_checkpoint
 from frugalseg.errors import UserError
 from frugalseg.eval.plots import pyplot
-from frugalseg.engine.trainer import has_checkpoint
 from frugalseg.recipes import load_recipe, stage_key
 
 MANIFEST = "benchmark.json"
