@@ -87,3 +87,13 @@ def test_registry_builds_swinunetr_from_config():
     assert net(torch.randn(2, 1, 32, 48)).shape == (2, 3, 32, 48)
     with pytest.raises(UserError, match="model.name: unknown name 'vit'"):
         build_network(ModelConfig(name="vit"), 2, 1, 3)
+
+
+def test_decode_can_stop_after_some_blocks():
+    net = UNet(2, 1, 3, (4, 8, 16, 32)).eval()
+    feats = net.encode(torch.randn(1, 1, 32, 32))
+    logits, full = net.decode(feats)
+    none, part = net.decode(feats, 2)
+    assert none is None and len(part) == 2 and logits.shape == (1, 3, 32, 32)
+    for a, b in zip(part, full[:2]):
+        torch.testing.assert_close(a, b)

@@ -6,15 +6,16 @@ preprocessing, windowing and resampling as the PyTorch model. Needs the ``onnx``
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from frugalseg.atomic import write_atomic
 from frugalseg.errors import UserError
 from frugalseg.eval.inference import TrainedModel, load_model
 
@@ -47,39 +48,25 @@ def export_onnx(run_dir: Path, output: Path, force: bool = False) -> float:
     net = model.net.float().eval().to(memory_format=torch.contiguous_format)
     patch = tuple(model.cfg.data.patch_size)
     example = torch.randn(2, model.in_channels, *patch, generator=torch.Generator().manual_seed(0))
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, (example,), tmp, dynamo=False, opset_version=OPSET, input_names=["image"],
-                              output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-        proto = onnx.load(tmp)
-        meta = {"config": model.cfg.to_dict(), "class_names": model.class_names, "in_channels": model.in_channels,
-                "source": str(run_dir)}
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(meta)
-        onnx.save(proto, tmp)
-        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        got = session.run(None, {"image": example.numpy()})[0]
-        with torch.no_grad():
-            want = net(example).numpy()
-        diff = float(np.abs(got - want).max())
-        if diff > TOLERANCE * max(1.0, float(np.abs(want).max())):
-            raise UserError(f"{output}: the ONNX model differs from PyTorch by {diff:.2e}; not written")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    meta = {"config": model.cfg.to_dict(), "class_names": model.class_names, "in_channels": model.in_channels,
+            "source": str(run_dir)}
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    data = proto.SerializeToString()
+    got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"image": example.numpy()})[0]
+    with torch.no_grad():
+        want = net(example).numpy()
+    diff = float(np.abs(got - want).max())
+    if diff > TOLERANCE * max(1.0, float(np.abs(want).max())):
+        raise UserError(f"{output}: the ONNX model differs from PyTorch by {diff:.2e}; not written")
+    write_atomic(output, lambda f: f.write(data))
     return diff
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class OnnxNet:

@@ -8,7 +8,7 @@ import torch.nn as nn
 from frugalseg.losses.contrastive import symmetric_byol_loss
 from frugalseg.methods.base import StepOutput
 from frugalseg.nn.ema import cosine_momentum, ema_update, frozen_copy
-from frugalseg.nn.heads import MLPHead, global_pool
+from frugalseg.nn.heads import MLPHead, encoder_width, global_pool
 
 
 class BYOL(nn.Module):
@@ -34,18 +34,11 @@ class BYOL(nn.Module):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.net = net
         self.momentum = momentum
-        width = self._encoder_width(net)
+        width = encoder_width(net)
         self.projector = MLPHead(width, hidden, projection)
         self.predictor = MLPHead(projection, hidden, projection)
         self.target_net = frozen_copy(net)
         self.target_projector = frozen_copy(self.projector)
-
-    @staticmethod
-    def _encoder_width(net: nn.Module) -> int:
-        channels = getattr(net, "channels", None)
-        if channels:
-            return int(channels[-1])
-        return int(16 * net.feature_size)  # SwinUNETR's deepest encoder (encoder10)
 
     def _embed(self, net: nn.Module, projector: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return projector(global_pool(net.encode(x)[-1]).float())

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from frugalseg.losses.contrastive import GLOBAL_STRATEGIES, global_contrastive_loss, global_pair_masks
 from frugalseg.methods.base import StepOutput
-from frugalseg.nn.heads import global_pool
+from frugalseg.nn.heads import encoder_width, global_pool
 
 
 def slice_partition(position: torch.Tensor, partitions: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ class GlobalContrastive(nn.Module):
             raise ValueError(f"partitions must be at least 1, got {partitions}")
         self.net, self.strategy, self.partitions, self.temperature = net, strategy, partitions, temperature
         self.sampling = {"views": 2, "partitions": partitions}
-        width = int(net.channels[-1]) if getattr(net, "channels", None) else int(16 * net.feature_size)
+        width = encoder_width(net)
         self.head = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.ReLU(inplace=True),
                                   nn.Linear(hidden, projection, bias=False))
 

@@ -62,7 +62,7 @@ class LocalContrastive(nn.Module):
             m.eval()  # frozen: BatchNorm statistics stay those of the pre-trained encoder
         with torch.no_grad():
             features = self.net.encode(x)
-        decoded = self.net.decode(features)[1][self.blocks - 1]
+        decoded = self.net.decode(features, self.blocks)[1][-1]  # later blocks are not run
         fmap = self.head(decoded).float()
         corners = region_corners(fmap.shape[2], fmap.shape[3], self.region)
         z = self.embed(extract_regions(fmap, corners, self.region))  # (2B, R, D)

@@ -20,3 +20,9 @@ class MLPHead(nn.Sequential):
 def global_pool(feature: torch.Tensor) -> torch.Tensor:
     """Average over every spatial dim: ``(B, C, *spatial)`` -> ``(B, C)``."""
     return feature.flatten(2).mean(-1)
+
+
+def encoder_width(net: nn.Module) -> int:
+    """Channels of the deepest encoder feature of a U-Net (``channels[-1]``) or SwinUNETR (``16 × feature_size``)."""
+    channels = getattr(net, "channels", None)
+    return int(channels[-1]) if channels else int(16 * net.feature_size)

@@ -99,11 +99,17 @@ class UNet(nn.Module):
             feats.append(x)
         return feats
 
-    def decode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits at the finest scale and the decoder features at every scale, coarsest first."""
+    def decode(self, features: list[torch.Tensor], blocks: int | None = None
+               ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Logits at the finest scale and the decoder features at every scale, coarsest first.
+
+        With ``blocks`` only the first ``blocks`` decoder blocks run and the logits are ``None``.
+        """
         x = features[-1]
         out = []
         for j, (up, block) in enumerate(zip(self.up, self.decoder)):
+            if blocks is not None and j == blocks:
+                return None, out
             target = features[-2 - j]
             x = match_size(up(x), target.shape[2:])
             if self.skip:
