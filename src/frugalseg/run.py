@@ -87,9 +87,10 @@ def train(
     from frugalseg.data.readers import open_source
     from frugalseg.data.sampling import method_sampler
     from frugalseg.data.splits import few_label_split
+    from frugalseg.engine import distributed as dist
     from frugalseg.engine.checkpoint import save_atomic
     from frugalseg.engine.optim import build_optimizer, build_scheduler
-    from frugalseg.engine.repro import pick_device, seed_everything, set_threads
+    from frugalseg.engine.repro import seed_everything, set_threads
     from frugalseg.engine.tracking import read_log
     from frugalseg.engine.trainer import fit, has_checkpoint
     from frugalseg.eval.inference import MODEL_FILE
@@ -97,6 +98,11 @@ def train(
     from frugalseg.registry import METHODS, build_network, method_kind, resolve
 
     out = Path(out)
+    device = dist.setup()  # joins the job when launched by torchrun; rank 0 alone writes files and reports
+    main = dist.is_main()
+    if not main:
+        def report(message: str) -> None:
+            return None
     resolve(METHODS, method, "--method")
     kind = method_kind(method)
     if labeled is None and kind != "pretrain":
@@ -127,7 +133,6 @@ def train(
     # everything that can fail on the user's input happens before the run directory is written
     threads = set_threads(cfg.train.num_threads)
     seed_everything(seed, cfg.train.deterministic)
-    device = pick_device()
     pre = Preprocessor(cfg.data.normalisation, tuple(cfg.data.percentiles),
                        tuple(cfg.data.spacing) if cfg.data.spacing else None, cfg.data.spatial_dims)
     if labeled is None:
@@ -139,6 +144,7 @@ def train(
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
     load_report = load_pretrained(net, init) if init is not None else None
     module = check_stage(method, cfg, net)  # after --init: EMA targets start from the loaded weights
+    module = dist.convert_batchnorm(module, device)  # batch statistics over every rank's shard under torchrun
     unlabelled = None
     if labeled is not None and getattr(module, "unlabelled_sampling", None) is not None:
         unlabelled = [pre(source.load(case)) for case in split["unlabelled_cases"]]  # semi-supervised: every image
@@ -148,22 +154,30 @@ def train(
     if resume and load_report is not None:
         report(f"--init {init}: {load_report.summary()} (no checkpoint yet: restarting from the initial weights)")
     if not resume:
-        prepare_dir(out, resume=False, force=force)
+        if main:
+            prepare_dir(out, resume=False, force=force)
         meta = {"method": method, "labeled": labeled, "seed": seed, "data": str(source.root),
                 "format": source.format, "class_names": source.class_names, "in_channels": source.in_channels,
                 "init": str(init) if init else None, "status": "running", **_versions()}
-        save_config(cfg, out / "config.yaml")
-        _write_json(split, out / "split.json")
-        _write_json(meta, out / RUN_MARKER)
-        if load_report is not None:
-            report(f"--init {init}: {load_report.summary()}")
-            _write_json(load_report.to_dict(), out / "init_report.json")
+        if main:
+            save_config(cfg, out / "config.yaml")
+            _write_json(split, out / "split.json")
+            _write_json(meta, out / RUN_MARKER)
+            if load_report is not None:
+                report(f"--init {init}: {load_report.summary()}")
+                _write_json(load_report.to_dict(), out / "init_report.json")
+        dist.barrier()
     optimizer = build_optimizer(module.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
     what = "pre-training" if labeled is None else f"N={labeled}"
     t0 = time.perf_counter()
     result = fit(module, sampler.batch, optimizer, scheduler, cfg.train, out, device, resume=resume,
                  show_progress=show_progress, description=f"{method} {what} seed={seed}", notify=report)
+    summary = {"run_dir": str(out), "steps": result.steps, "seconds": 0.0, "final_loss": result.last_loss,
+               "labelled_cases": split["labelled_cases"]}
+    if not main:
+        dist.barrier()  # wait for rank 0 to write model.pt
+        return summary
     net_state = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
     model_meta = {"config": cfg.to_dict(), "class_names": source.class_names, "in_channels": source.in_channels,
                   "method": method}
@@ -178,8 +192,9 @@ def train(
 
         learning_curve(log, out / "learning_curve.png",
                        f"{method}, {'pre-training' if labeled is None else f'{labeled} labelled'}, seed {seed}")
-    return {"run_dir": str(out), "steps": result.steps, "seconds": meta["train_seconds"],
-            "final_loss": result.last_loss, "labelled_cases": split["labelled_cases"]}
+    dist.barrier()
+    summary["seconds"] = meta["train_seconds"]
+    return summary
 
 
 def check_stage(method: str, cfg: Config, net) -> Any:

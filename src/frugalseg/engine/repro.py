@@ -25,7 +25,9 @@ def set_threads(requested: int = 0) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    n = requested if requested > 0 else cores
+    # processes of one torchrun job on this machine share its cores
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    n = requested if requested > 0 else max(1, cores // local)
     torch.set_num_threads(n)
     return n
 

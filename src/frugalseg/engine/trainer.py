@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from frugalseg.config import TrainConfig
+from frugalseg.engine import distributed as dist
 from frugalseg.engine.checkpoint import load_checkpoint, save_atomic
 from frugalseg.engine.tracking import RunLog
 from frugalseg.errors import UserError
@@ -73,6 +74,26 @@ def set_memory_format(method: nn.Module, channels_last: bool) -> None:
     method.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
 
 
+class _Stepper(nn.Module):
+    """``forward`` = the method's training step, so that DistributedDataParallel can wrap any method."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict[str, torch.Tensor], progress: float):
+        out = self.method.training_step(batch, progress)
+        return out.loss, out.logs
+
+
+class _NoLog:
+    def write(self, step: int, entry: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def fit(
     method: nn.Module,
     batches: Callable[[int], dict[str, torch.Tensor]],
@@ -91,6 +112,9 @@ def fit(
     Checkpoints (method, optimiser, scheduler, RNG state, step) are written every ``cfg.checkpoint_every``
     steps and at the end to ``run_dir/checkpoint.pt``; with ``resume=True`` training continues from it, and
     because batches depend only on their index the result equals an uninterrupted run.
+
+    Under ``torchrun`` (see :mod:`frugalseg.engine.distributed`) each rank trains on its shard of the same global
+    batch inside DistributedDataParallel; rank 0 alone logs, shows progress and writes checkpoints.
     """
     method.to(device)
     set_memory_format(method, cfg.channels_last)
@@ -108,14 +132,22 @@ def fit(
             raise UserError(f"{ckpt_path}: incompatible checkpoint ({str(exc).splitlines()[0][:160]})") from None
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
-    log = RunLog(run_dir, resume_step=start if resume else None)
+    main = dist.is_main()
+    log = RunLog(run_dir, resume_step=start if resume else None) if main else _NoLog()
+    engine: nn.Module = _Stepper(method)
+    if dist.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        # BatchNorm statistics are already global; buffers (EMA teachers, queues) are broadcast from rank 0
+        engine = DistributedDataParallel(engine, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=bool(getattr(method, "partial_graph", False)))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16
                 else contextlib.nullcontext())
     total, t0, data_time, last_loss = cfg.steps, time.perf_counter(), 0.0, float("nan")
     window: dict[str, float] = {}
     n_window = 0
     bar = tqdm(range(start, total), initial=start, total=total, desc=description, dynamic_ncols=True,
-               disable=None if show_progress else True, leave=False)  # None: off when not a terminal
+               disable=None if show_progress and main else True, leave=False)  # None: off when not a terminal
     method.train()
     try:
         for step in bar:
@@ -123,15 +155,17 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             for micro in range(cfg.accumulate):
                 t_data = time.perf_counter()
-                batch = to_device(batches(step * cfg.accumulate + micro), device, cfg.channels_last)
+                batch = to_device(dist.shard(batches(step * cfg.accumulate + micro)), device, cfg.channels_last)
                 data_time += time.perf_counter() - t_data
-                with autocast:
-                    out = method.training_step(batch, progress)
-                loss = out.loss.float()
-                if not torch.isfinite(loss):
-                    raise UserError(f"training diverged: loss is {loss.item()} at step {step}; "
-                                    "lower optim.lr or check the input normalisation")
-                (loss / cfg.accumulate).backward()
+                sync = (micro == cfg.accumulate - 1 or not dist.active())
+                with contextlib.nullcontext() if sync else engine.no_sync():
+                    with autocast:
+                        loss, logs = engine(batch, progress)
+                    loss = loss.float()
+                    if not torch.isfinite(loss):
+                        raise UserError(f"training diverged: loss is {loss.item()} at step {step}; "
+                                        "lower optim.lr or check the input normalisation")
+                    (loss / cfg.accumulate).backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
@@ -142,19 +176,19 @@ def fit(
                 after(progress)
             last_loss = loss.item()
             window["loss"] = window.get("loss", 0.0) + last_loss
-            for key, value in out.logs.items():
+            for key, value in logs.items():
                 window[key] = window.get(key, 0.0) + float(value)
             n_window += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 elapsed = time.perf_counter() - t0
-                entry = {k: v / n_window for k, v in window.items()}
+                entry = dist.mean_across_ranks({k: v / n_window for k, v in window.items()})
                 entry.update(lr=scheduler.get_last_lr()[0], seconds=elapsed,
                              data_fraction=data_time / max(elapsed, 1e-9))
                 log.write(done, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 window, n_window = {}, 0
-            if done % cfg.checkpoint_every == 0 or done == total:
+            if (done % cfg.checkpoint_every == 0 or done == total) and main:
                 if ckpt_path.exists():
                     os.replace(ckpt_path, run_dir / PREVIOUS)
                 save_atomic({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
@@ -163,5 +197,6 @@ def fit(
     finally:
         bar.close()
         log.close()
+    dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on
     seconds = time.perf_counter() - t0
     return FitResult(steps=total - start, seconds=seconds, last_loss=last_loss if math.isfinite(last_loss) else 0.0)

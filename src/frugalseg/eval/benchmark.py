@@ -56,11 +56,14 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
                   show_progress: bool = True, report=print) -> list[dict[str, Any]]:
     from frugalseg.config import build_config
     from frugalseg.data.readers import open_source
+    from frugalseg.engine import distributed as dist
     from frugalseg.eval.evaluate import evaluate_model
     from frugalseg.eval.inference import load_model
     from frugalseg.registry import build_network
     from frugalseg.run import check_stage, pretrain, train
 
+    dist.setup()  # under torchrun every rank trains each stage; rank 0 alone evaluates and writes
+    main = dist.is_main()
     # check everything before writing anything
     loaded = [load_recipe(r) for r in recipes]
     if len(set(recipes)) != len(recipes):
@@ -88,7 +91,8 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: exists and is not a benchmark folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split, "set": sets or []}
@@ -98,14 +102,16 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
             if before.get(key) != manifest[key]:
                 raise UserError(f"--out {out}: this benchmark was started with {option} {before.get(key)!r}, "
                                 f"not {manifest[key]!r} (use another --out)")
-    _write_text(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labeled": labeled, "seeds": seeds},
-                                           indent=1))
+    if main:
+        _write_text(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labeled": labeled, "seeds": seeds},
+                                               indent=1))
+    dist.barrier()
 
     cells = [(r, n, s) for r in loaded for n in labeled for s in seeds]
     stages = {chain_dir(out, r, s, sets, upto=i + 1) for r in loaded for s in seeds for i in range(len(r.pretrain))}
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells) + len(stages), desc="benchmark",
-               disable=None if show_progress else True, unit="job")
+               disable=None if show_progress and main else True, unit="job")
     visited: set[Path] = set()
     for recipe, n, s in cells:
         cell_dir = out / "runs" / recipe.name / f"n{n}_s{s}"
@@ -132,6 +138,11 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
         _run_stage(cell_dir, train, source.root, recipe.train.method, n, s, init=init, sets=list(sets or []),
                    extra_config=[recipe.train.overrides] if recipe.train.overrides else None, show_progress=False,
                    report=report)
+        if not main:  # evaluation is rank 0's; the others wait for its result (no collective: no time limit)
+            while not done.is_file():
+                time.sleep(1.0)
+            rows.append(json.loads(done.read_text()))
+            continue
         results, _ = evaluate_model(load_model(cell_dir), eval_source.root, split, show_progress=False)
         _write_text(cell_dir / f"eval_{split}.json", json.dumps(results, indent=1))
         wall = time.perf_counter() - t0  # this invocation's training (or its resumed part) and evaluation
@@ -143,6 +154,8 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
         rows.append(row)
         bar.update(1)
     bar.close()
+    if not main:
+        return rows
     write_outputs(rows, out, eval_source.format, eval_source.class_names)
     plot_overlays(out, loaded, labeled, seeds, eval_source, split)
     return rows
@@ -169,9 +182,13 @@ def _run_stage(run_dir: Path, start, *args, **kwargs) -> None:
     """``start(*args, run_dir, resume=..., **kwargs)`` unless it already finished; resumed when it checkpointed."""
     if _finished(run_dir) is not None:
         return
+    from frugalseg.engine import distributed as dist
+
     resume = (run_dir / "run.json").is_file() and has_checkpoint(run_dir)
-    if not resume and run_dir.exists():
+    dist.barrier()  # every rank has decided before rank 0 touches the folder
+    if not resume and run_dir.exists() and dist.is_main():
         shutil.rmtree(run_dir)  # an unfinished run of this benchmark that never checkpointed
+    dist.barrier()
     start(*args, run_dir, resume=resume, **kwargs)
 
 

@@ -20,7 +20,9 @@ class Method(Protocol):
     """A method is an ``nn.Module`` with ``net`` (the network that is kept and evaluated) and:
 
     * ``training_step(batch, progress) -> StepOutput`` - ``progress`` in [0, 1] drives ramps and schedules;
-    * optionally ``after_optimizer_step(progress)`` - e.g. an EMA teacher update.
+    * optionally ``after_optimizer_step(progress)`` - e.g. an EMA teacher update;
+    * ``partial_graph = True`` when some trainable parameters get no gradient in some steps (an encoder-only
+      pre-training of a U-Net, a head that waits for a warm-up): DistributedDataParallel then looks for them.
 
     It never calls backward, steps an optimiser, moves devices or logs.
     """

@@ -26,6 +26,7 @@ class BYOL(nn.Module):
     """
 
     kind = "pretrain"
+    partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
     sampling = {"views": 2}  # two augmented views of the same crops
 
     def __init__(self, net: nn.Module, hidden: int = 1024, projection: int = 256, momentum: float = 0.99) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from frugalseg.engine.distributed import gather_across_ranks
 from frugalseg.losses.contrastive import GLOBAL_STRATEGIES, global_contrastive_loss, global_pair_masks
 from frugalseg.methods.base import StepOutput
 from frugalseg.nn.heads import encoder_width, global_pool
@@ -31,6 +32,7 @@ class GlobalContrastive(nn.Module):
     """
 
     kind = "pretrain"
+    partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
     spatial_dims = (2,)
 
     def __init__(self, net: nn.Module, strategy: str = "GD", partitions: int = 4, temperature: float = 0.1,
@@ -49,9 +51,13 @@ class GlobalContrastive(nn.Module):
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
         x = torch.cat([batch["image"], batch["view2"]])
         z = self.head(global_pool(self.net.encode(x)[-1]).float())
-        b = batch["image"].shape[0]
+        # under torchrun every rank contrasts against the whole batch (gathered with gradients)
+        z1, z2 = z.chunk(2)
+        z = torch.cat([gather_across_ranks(z1), gather_across_ranks(z2)])
+        position = gather_across_ranks(batch["position"].to(z.device))
+        b = position.shape[0]
         instance = torch.arange(b, device=z.device).repeat(2)
-        partition = slice_partition(batch["position"], self.partitions).to(z.device).repeat(2)
+        partition = slice_partition(position, self.partitions).repeat(2)
         positive, negative = global_pair_masks(instance, partition, self.strategy)
         loss = global_contrastive_loss(z, positive, negative, self.temperature)
         return StepOutput(loss, {"loss_global": loss.detach()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from frugalseg.engine.distributed import gather_across_ranks
 from frugalseg.losses.contrastive import global_contrastive_loss
 from frugalseg.losses.local_contrastive import LOCAL_STRATEGIES, extract_regions, local_pair_masks, region_corners
 from frugalseg.methods.base import StepOutput
@@ -29,6 +30,7 @@ class LocalContrastive(nn.Module):
     """
 
     kind = "pretrain"
+    partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
     spatial_dims = (2,)
 
     def __init__(self, net: nn.Module, strategy: str = "LR", decoder_blocks: int = 3, partitions: int = 4,
@@ -66,11 +68,14 @@ class LocalContrastive(nn.Module):
         fmap = self.head(decoded).float()
         corners = region_corners(fmap.shape[2], fmap.shape[3], self.region)
         z = self.embed(extract_regions(fmap, corners, self.region))  # (2B, R, D)
-        b, r = batch["image"].shape[0], len(corners)
+        z1, z2 = z.chunk(2)  # under torchrun: every rank's regions, gathered with gradients
+        z = torch.cat([gather_across_ranks(z1), gather_across_ranks(z2)])
+        position = gather_across_ranks(batch["position"].to(z.device))
+        b, r = position.shape[0], len(corners)
         dev = z.device
         image = torch.arange(b, device=dev).repeat(2).repeat_interleave(r)
         region = torch.arange(r, device=dev).repeat(2 * b)
-        part = slice_partition(batch["position"], self.partitions).to(dev).repeat(2).repeat_interleave(r)
+        part = slice_partition(position, self.partitions).repeat(2).repeat_interleave(r)
         positive, negative = local_pair_masks(image, region, part, self.strategy)
         loss = global_contrastive_loss(z.reshape(2 * b * r, -1), positive, negative, self.temperature)
         return StepOutput(loss, {"loss_local": loss.detach()})

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from frugalseg.engine.distributed import gather_uneven
 from frugalseg.losses.consistency import sigmoid_rampup, softmax_mse
 from frugalseg.losses.patchcl import attended_patch_features, patch_statistics, plgcl_loss, select_patches
 from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
@@ -40,6 +41,7 @@ class PatchCL(nn.Module):
     """
 
     kind = "train"
+    partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
     unlabelled_sampling = {"views": 2, "shared_spatial": True, "weak_view2": True}
 
     def __init__(self, net: nn.Module, ema: float = 0.99, consistency: float = 0.1, rampup: float = 0.4,
@@ -119,7 +121,11 @@ class PatchCL(nn.Module):
             if present.sum() >= 2 and keep.any():
                 plgcl = plgcl_loss(s_emb[keep], classes[keep], means, covs, present, self.temperature, self.lam,
                                    self.zeta)
-            self._enqueue(t_emb, classes)
+        else:
+            t_emb = self.queues.new_zeros((0, self.queues.shape[2]))
+            classes = torch.zeros(0, dtype=torch.long, device=logits.device)
+        # under torchrun every rank enqueues every rank's embeddings: the queues stay identical
+        self._enqueue(gather_uneven(t_emb.float()), gather_uneven(classes))
         loss = sup + weight * cons + self.contrast * plgcl
         return StepOutput(loss, {"loss_dice_ce": sup.detach(), "loss_consistency": cons.detach(),
                                  "loss_plgcl": plgcl.detach(), "patches": float(len(picks))})

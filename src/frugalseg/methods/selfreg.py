@@ -37,7 +37,7 @@ class SelfRegularised(nn.Module):
             block.register_forward_hook(lambda m, i, o: self._keep(self._enc, o))
         for block in net.decoder:
             block.register_forward_hook(lambda m, i, o: self._keep(self._dec, o))
-        for name in ("sampling", "unlabelled_sampling", "kind"):
+        for name in ("sampling", "unlabelled_sampling", "kind", "partial_graph"):
             if hasattr(method, name):
                 setattr(self, name, getattr(method, name))
 
