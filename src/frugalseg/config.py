@@ -56,6 +56,7 @@ class ModelConfig:
     norm: str = "batch"
     dropout: float = 0.0
     swin_feature_size: int = 24
+    swin_v2: bool = True
 
 
 @dataclass

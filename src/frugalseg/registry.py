@@ -51,7 +51,8 @@ def build_network(model_cfg, spatial_dims: int, in_channels: int, out_channels: 
     """Instantiate the configured network."""
     cls = resolve(NETWORKS, model_cfg.name, "model.name")
     if model_cfg.name == "swinunetr":
-        return cls(spatial_dims, in_channels, out_channels, feature_size=model_cfg.swin_feature_size)
+        return cls(spatial_dims, in_channels, out_channels, feature_size=model_cfg.swin_feature_size,
+                   use_v2=model_cfg.swin_v2)
     return cls(spatial_dims, in_channels, out_channels, channels=model_cfg.channels, skip=model_cfg.skip,
                norm=model_cfg.norm, dropout=model_cfg.dropout)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import torch.nn as nn
 
 from frugalseg.errors import UserError
 
-WRAPPER_KEYS = ("network", "state_dict", "model", "net", "student")
+WRAPPER_KEYS = ("network", "state_dict", "model", "net", "student", "network_weights")
 PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -23,7 +21,7 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: weights file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # a damaged or foreign file makes the unpickler raise nearly anything
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not a loadable PyTorch checkpoint ({reason})") from None
     for _ in range(3):
@@ -66,6 +64,10 @@ def load_pretrained(net: nn.Module, path: Path | str) -> LoadReport:
     parameter is missing (a decoder or head may legitimately differ, e.g. after pre-training)."""
     state = read_state_dict(path)
     own = net.state_dict()
+    if any(k.startswith("swinViT.") for k in own):  # released SwinUNETR/VoCo/MONAI-SSL key spellings
+        from frugalseg.nn.importers import swin_key
+
+        state = {swin_key(k, "monai-ssl"): v for k, v in state.items()}
     report = LoadReport()
     matched = {}
     for key, value in state.items():
