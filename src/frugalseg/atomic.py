@@ -30,7 +30,9 @@ def write_atomic(path: Path | str, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):  # name the file the user asked for
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise

@@ -6,6 +6,7 @@ Bad input ends with one line on stderr naming the file or option and exit code 2
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -22,26 +23,80 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM received (a scheduler or torchrun stopping the job)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def _guard(fn):
     """Turn user errors, I/O errors and Ctrl-C into one line and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            signal.signal(signal.SIGTERM, _terminated)
+        except ValueError:  # not the main thread (e.g. called from a test runner thread)
+            pass
+        try:
             return fn(*args, **kwargs)
+        except Terminated:
+            _fail(_ranked("stopped by SIGTERM (under torchrun: another process of the job failed); "
+                          "a training run continues with --resume"), 143)
         except UserError as exc:
-            _fail(str(exc))
+            _fail(_ranked(str(exc)))
         except KeyboardInterrupt:
             _fail("interrupted (a training run continues with --resume)", 130)
         except OSError as exc:
             where = exc.filename or "output"
-            _fail(f"{where}: {exc.strerror or exc}")
+            _fail(_ranked(f"{where}: {exc.strerror or exc}"))
+        except RuntimeError as exc:
+            if not _lost_peer(exc):
+                raise
+            _fail(_ranked("another process of this torchrun job stopped or stopped answering "
+                          f"({str(exc).splitlines()[0][:120]}); restart the job with --resume"), 1)
+        finally:
+            from frugalseg.engine.distributed import teardown
+
+            teardown()
 
     return wrapper
 
 
+def _ranked(message: str) -> str:
+    """Messages of ranks other than 0 of a torchrun job say which rank they come from."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    return message if rank in ("", "0") else f"[rank {rank}] {message}"
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """A collective failed because another rank of the job died or stopped answering."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    text = str(exc).lower()
+    return isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in text or "nccl" in text
+
+
+def _main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _say(message: str) -> None:
-    typer.echo(message, err=True)
+    if _main_rank():  # under torchrun, rank 0 speaks for the job
+        typer.echo(message, err=True)
+
+
+def _out(message: str) -> None:
+    if _main_rank():
+        typer.echo(message)
 
 
 def _table(results: dict, title: str) -> str:
@@ -83,7 +138,7 @@ def train(
 
     summary = run_train(data, method, labeled, seed, out, init, config, set_ or [], resume, force,
                         show_progress=not quiet, report=_say)
-    typer.echo(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
+    _out(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
                f"(labelled: {', '.join(summary['labelled_cases'])}); model in {summary['run_dir']}/model.pt")
 
 
@@ -106,7 +161,7 @@ def pretrain(
 
     summary = run_pretrain(data, method, seed, out, init=init, config_file=config, sets=set_ or [], resume=resume,
                            force=force, show_progress=not quiet, report=_say)
-    typer.echo(f"pre-trained {summary['steps']} steps in {summary['seconds']:.0f} s; "
+    _out(f"pre-trained {summary['steps']} steps in {summary['seconds']:.0f} s; "
                f"weights in {summary['run_dir']}/model.pt")
 
 
@@ -153,6 +208,24 @@ def export(
 
     diff = export_onnx(run_dir, output, force)
     typer.echo(f"written {output} (ONNX Runtime matches PyTorch within {diff:.1e} on a test input)")
+
+
+@app.command("import-weights")
+@_guard
+def import_weights(
+    source: Path = typer.Argument(..., help="Released weights file (read with weights_only=True)."),
+    output: Path = typer.Argument(..., help="frugalseg weights file to write (for --init)."),
+    format_: str = typer.Option(..., "--format", help="voco | monai-ssl"),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT."),
+) -> None:
+    """Convert released SwinUNETR weights (VoCo, MONAI SSL) strictly, with a report; then `train --init`."""
+    from frugalseg.nn.importers import write_imported
+
+    report = write_imported(source, format_, output, force)
+    net = report.network
+    typer.echo(f"{report.summary()}; written {output}")
+    typer.echo(f"use: frugalseg train ... --init {output} --set model.name=swinunetr "
+               f"--set model.swin_feature_size={net['feature_size']} --set model.swin_v2={str(net['use_v2']).lower()}")
 
 
 @app.command()
@@ -205,8 +278,8 @@ def benchmark(
     rows = run_benchmark(data, parse_list(recipes, "--recipes"), parse_list(labeled, "--labeled", int),
                          parse_list(seeds, "--seeds", int), out, split, eval_data, set_ or [],
                          show_progress=not quiet, report=_say)
-    typer.echo((out / "report.md").read_text())
-    typer.echo(f"{len(rows)} cells; written {out / 'results.csv'}, {out / 'report.md'} and plots")
+    _out((out / "report.md").read_text())
+    _out(f"{len(rows)} cells; written {out / 'results.csv'}, {out / 'report.md'} and plots")
 
 
 @app.command()
