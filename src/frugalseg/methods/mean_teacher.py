@@ -38,13 +38,15 @@ class MeanTeacher(nn.Module):
         self.loss_fn = dice_ce_loss()
 
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
-        n = batch["image"].shape[0]
-        logits = self.net(torch.cat([batch["image"], batch["u_image"]]))
-        sup = segmentation_loss(self.loss_fn, logits[:n], batch["label"])
+        # labelled and unlabelled images go through the student in separate passes: BatchNorm normalises each
+        # stream with its own batch statistics (one joint pass cost 0.13-0.23 Dice on ACDC N=1, docs/methods)
+        logits = self.net(batch["image"])
+        u_logits = self.net(batch["u_image"])
+        sup = segmentation_loss(self.loss_fn, logits, batch["label"])
         with torch.no_grad():
             self.teacher.train(self.training)
             target = self.teacher(batch["u_view2"])
-        cons = softmax_mse(logits[n:], target)
+        cons = softmax_mse(u_logits, target)
         weight = self.consistency * sigmoid_rampup(progress, self.rampup)
         return StepOutput(sup + weight * cons, {"loss_dice_ce": sup.detach(), "loss_consistency": cons.detach(),
                                                 "consistency_weight": weight})

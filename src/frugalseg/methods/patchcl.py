@@ -14,6 +14,12 @@ from frugalseg.methods.base import StepOutput
 from frugalseg.nn.ema import ema_update, frozen_copy
 
 
+def _joined(outputs):
+    """Concatenate ``(logits, [decoder features])`` of two passes along the batch."""
+    (l1, f1), (l2, f2) = outputs
+    return torch.cat([l1, l2]), [torch.cat([a, b]) for a, b in zip(f1, f2, strict=True)]
+
+
 class PatchCL(nn.Module):
     """``L = L_sup + β·r(progress)·L_reg + γ·L_PLGCL`` with an EMA teacher (see ``docs/methods/patchcl.md``).
 
@@ -93,11 +99,13 @@ class PatchCL(nn.Module):
 
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
         n = batch["image"].shape[0]
-        logits, dec = self.net.decode(self.net.encode(torch.cat([batch["image"], batch["u_image"]])))
+        # labelled and unlabelled streams in separate passes (BatchNorm statistics per stream, as mean_teacher)
+        logits, dec = _joined([self.net.decode(self.net.encode(batch[k])) for k in ("image", "u_image")])
         sup = segmentation_loss(self.loss_fn, logits[:n], batch["label"])
         with torch.no_grad():
             self.teacher.train(self.training)
-            t_logits, t_dec = self.teacher.decode(self.teacher.encode(torch.cat([batch["image"], batch["u_view2"]])))
+            t_logits, t_dec = _joined([self.teacher.decode(self.teacher.encode(batch[k]))
+                                       for k in ("image", "u_view2")])
         cons = softmax_mse(logits[n:], t_logits[n:])
         weight = self.consistency * sigmoid_rampup(progress, self.rampup)
 
