@@ -160,3 +160,24 @@ def test_a_dying_rank_ends_the_job_without_a_hang(phantoms_2d, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "Signal 9 (SIGKILL)" in err or "SIGKILL" in err
+
+
+def test_benchmark_with_a_pretraining_chain_under_torchrun(phantoms_2d, tmp_path):
+    """`benchmark` under torchrun (BYOL chain + fine-tuning, and random): the same table as one process."""
+    import csv
+
+    sets = ["data.spatial_dims=2", "data.patch_size=[32,32]", "data.batch_size=4", "model.channels=[8,16,32]",
+            "train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "optim.warmup_steps=1",
+            "optim.name=sgd", "optim.lr=0.01", "train.num_threads=1"]
+    args = ["benchmark", "--data", str(phantoms_2d), "--recipes", "random,byol", "--labeled", "1", "--seeds", "0"]
+    for s in sets:
+        args += ["--set", s]
+    one = _run([sys.executable, "-m", "frugalseg", *args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = _run([*TORCHRUN, *args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    rows = [list(csv.DictReader((tmp_path / d / "results.csv").open())) for d in ("one", "two")]
+    assert [r["recipe"] for r in rows[0]] == [r["recipe"] for r in rows[1]] == ["random", "byol"]
+    for a, b in zip(*rows):
+        assert abs(float(a["mean_dice"]) - float(b["mean_dice"])) < 1e-3
+    assert len(list((tmp_path / "two" / "pretrain").rglob("model.pt"))) == 1  # the chain ran once, by rank 0's hand
