@@ -159,7 +159,10 @@ def test_a_dying_rank_ends_the_job_without_a_hang(phantoms_2d, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
-    assert "Signal 9 (SIGKILL)" in err or "SIGKILL" in err
+    assert "SIGKILL" in err  # torchrun's report names the dead rank's signal
+    # the surviving rank says in one line why it stops: it lost its peer, or torchrun stopped it
+    ours = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert ours and ("another process of this torchrun job stopped" in ours[0] or "stopped by SIGTERM" in ours[0])
 
 
 def test_benchmark_with_a_pretraining_chain_under_torchrun(phantoms_2d, tmp_path):
