@@ -84,7 +84,10 @@ def setup() -> torch.device:
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
     except ValueError:
         raise UserError(f"{TIMEOUT_ENV}: not a number of seconds") from None
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"cannot join the torchrun job ({str(exc).splitlines()[0][:160]})") from None
     return device
 
 
