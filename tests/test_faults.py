@@ -63,3 +63,34 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(phantoms_2d, tmp_
         assert torch.equal(a[key], b[key]), f"{key} differs after SIGKILL at step {kill_at} + --resume"
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # every step logged once
+
+
+def test_benchmark_sigkilled_mid_cell_then_rerun_equals_uninterrupted(phantoms_2d, tmp_path):
+    args = [sys.executable, "-m", "frugalseg", "benchmark", "--data", str(phantoms_2d), "--recipes", "mean-teacher",
+            "--labeled", "1,2", "--seeds", "0"]
+    for s in SETS:
+        args += ["--set", s]
+    ref = subprocess.run([*args, "--out", str(tmp_path / "ref")], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    cell = out / "runs" / "mean-teacher" / "n2_s0"  # the second cell: the first one finishes before the kill
+    kill_at = random.Random().randint(3, 9)
+    proc = subprocess.Popen([*args, "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and _logged_step(cell) < kill_at and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (out / "runs" / "mean-teacher" / "n1_s0" / "cell.json").is_file()
+    assert not (cell / "cell.json").exists(), f"the cell finished before the kill at step {kill_at}"
+    again = subprocess.run([*args, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    a = (tmp_path / "ref" / "results.csv").read_text().splitlines()
+    b = (out / "results.csv").read_text().splitlines()
+    assert [r.split(",")[:5] for r in a] == [r.split(",")[:5] for r in b]  # recipe, N, seed, split, Dice
+    wa = torch.load(tmp_path / "ref" / "runs" / "mean-teacher" / "n2_s0" / "model.pt", weights_only=True)["network"]
+    wb = torch.load(cell / "model.pt", weights_only=True)["network"]
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
