@@ -255,6 +255,8 @@ def demo(
     from frugalseg.run import demo as run_demo
 
     result = run_demo(out, force, show_progress=not quiet, report=_say, steps=steps)
+    if result["eval"] is None:  # a rank other than 0 of a torchrun job
+        return
     typer.echo(_table(result["eval"], "Dice on unseen test phantoms (supervised, 2 labelled volumes):"))
     typer.echo(f"figures: {out / 'learning_curve.png'}, {out / 'prediction_overlay.png'}")
 

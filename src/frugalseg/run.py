@@ -242,16 +242,25 @@ def demo(out: Path | str, force: bool = False, show_progress: bool = True, repor
     from frugalseg.eval.inference import load_model
     from frugalseg.eval.plots import overlay
 
+    from frugalseg.engine import distributed as dist
+
     out = Path(out)
-    prepare_dir(out, resume=False, force=force)
-    _write_json({"kind": "frugalseg demo"}, out / "demo.json")
-    report(f"writing synthetic phantoms to {out / 'data'}")
-    data = write_phantoms(out / "data", spatial_dims=2)
+    dist.setup()  # under torchrun: rank 0 writes the phantoms and evaluates, every rank trains
+    main = dist.is_main()
+    if main:
+        prepare_dir(out, resume=False, force=force)
+        _write_json({"kind": "frugalseg demo"}, out / "demo.json")
+        report(f"writing synthetic phantoms to {out / 'data'}")
+        write_phantoms(out / "data", spatial_dims=2)
+    dist.barrier()
+    data = out / "data"
     layers = [read_yaml(configs_dir() / "demo.yaml")]
     if steps is not None:
         layers.append({"train": {"steps": steps, "checkpoint_every": steps}})
     summary = train(data, "supervised", labeled=2, seed=0, out=out / "run", show_progress=show_progress,
                     extra_config=layers, report=report)
+    if not main:
+        return {"train": summary, "eval": None}
     model = load_model(out / "run")
     results, kept = evaluate_model(model, data, "test", show_progress, keep_predictions=3)
     _write_json(results, out / "run" / "eval_test.json")
