@@ -238,11 +238,10 @@ def demo(out: Path | str, force: bool = False, show_progress: bool = True, repor
          steps: int | None = None) -> dict[str, Any]:
     """The main job on the embedded default: phantoms -> 2 labelled volumes -> evaluate on unseen phantoms."""
     from frugalseg.data.synthetic import write_phantoms
+    from frugalseg.engine import distributed as dist
     from frugalseg.eval.evaluate import evaluate_model
     from frugalseg.eval.inference import load_model
     from frugalseg.eval.plots import overlay
-
-    from frugalseg.engine import distributed as dist
 
     out = Path(out)
     dist.setup()  # under torchrun: rank 0 writes the phantoms and evaluates, every rank trains

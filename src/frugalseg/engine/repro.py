@@ -26,7 +26,10 @@ def set_threads(requested: int = 0) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     # processes of one torchrun job on this machine share its cores
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
     n = requested if requested > 0 else max(1, cores // local)
     torch.set_num_threads(n)
     return n
