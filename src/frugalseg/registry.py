@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "gcl": "frugalseg.methods.gcl:GlobalContrastive",
     "lcl": "frugalseg.methods.lcl:LocalContrastive",
     "byol": "frugalseg.methods.byol:BYOL",
+    "voco": "frugalseg.methods.voco:VoCo",
 }
 
 NETWORKS: dict[str, str] = {

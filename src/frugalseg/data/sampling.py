@@ -220,7 +220,16 @@ def method_sampler(method, volumes: Sequence[Volume], unlabelled: Sequence[Volum
                    patch_size: Sequence[int], batch_size: int, seed: int, foreground_oversample: float,
                    augment: AugmentConfig | None):
     """The batch source a method asks for: its ``sampling`` options on ``volumes``, plus an unlabelled stream
-    over ``unlabelled`` when it declares ``unlabelled_sampling`` (semi-supervised methods)."""
+    over ``unlabelled`` when it declares ``unlabelled_sampling`` (semi-supervised methods). A method whose views are
+    not patches (VoCo's base and random crops) builds its own with ``make_sampler(volumes, patch_size, seed)``."""
+    make = getattr(method, "make_sampler", None)
+    if make is not None:
+        try:
+            return make(volumes, patch_size, seed)
+        except ValueError as exc:
+            from frugalseg.errors import UserError
+
+            raise UserError(f"--method: {exc}") from None
     sampler = PatchSampler(volumes, spatial_dims, patch_size, batch_size, seed, foreground_oversample, augment,
                            **getattr(method, "sampling", {}))
     extra = getattr(method, "unlabelled_sampling", None)

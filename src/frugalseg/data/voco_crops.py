@@ -1,0 +1,111 @@
+"""VoCo's views (Wu et al., CVPR 2024): base crops on a regular in-plane grid and random crops of the same size.
+
+Boxes are continuous ``[start, stop)`` intervals in voxel units along the first two spatial axes; every crop spans
+the whole third axis. The overlap of a random crop with each base is computed from the boxes (area of the
+intersection / area of a base), never re-derived from pixels; a random crop inside the grid has overlaps summing
+to 1. Crops are resampled to the patch size with one ``grid_sample`` per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from frugalseg.data.volume import Volume
+
+
+def grid_size(extent: Sequence[int], patch: Sequence[int], largest: int = 4) -> int:
+    """Bases per in-plane axis: the volume's extent in patches (at least 2, at most ``largest``), as VoCo's 4x4
+    grid of 96-voxel bases on a 384-voxel canvas."""
+    fits = min(e / max(p, 1) for e, p in zip(extent[:2], patch[:2]))
+    return int(min(max(round(fits), 2), largest))
+
+
+def base_boxes(extent: Sequence[int], g: int) -> np.ndarray:
+    """``(g*g, 2, 2)`` boxes ``[[x0, x1], [y0, y1]]`` tiling the first two axes, row-major."""
+    bx, by = extent[0] / g, extent[1] / g
+    return np.array([[[i * bx, (i + 1) * bx], [j * by, (j + 1) * by]] for i in range(g) for j in range(g)],
+                    dtype=np.float64)
+
+
+def overlap_fractions(crops: np.ndarray, bases: np.ndarray) -> np.ndarray:
+    """``(R, K)`` area of ``crop_r ∩ base_k`` over the area of ``base_k``, from the boxes."""
+    lo = np.maximum(crops[:, None, :, 0], bases[None, :, :, 0])
+    hi = np.minimum(crops[:, None, :, 1], bases[None, :, :, 1])
+    inter = np.clip(hi - lo, 0.0, None).prod(-1)
+    area = (bases[:, :, 1] - bases[:, :, 0]).prod(-1)
+    return inter / area[None, :]
+
+
+def _theta(boxes: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """Affine matrices for ``F.affine_grid`` (align_corners=False) that sample each box (full third axis)."""
+    n = len(boxes)
+    theta = torch.zeros(n, 3, 4, dtype=torch.float32)
+    full = np.array([[0.0, shape[2]]])
+    for r, box in enumerate(boxes):
+        box3 = np.concatenate([box, full])
+        for d in range(3):  # grid_sample's coordinate order is (last axis, ..., first axis)
+            a, b = box3[d]
+            row = 2 - d
+            theta[r, row, row] = (b - a) / shape[d]
+            theta[r, row, 3] = (a + b) / shape[d] - 1.0
+    return theta
+
+
+def sample_crops(image: np.ndarray, boxes: np.ndarray, patch: Sequence[int]) -> torch.Tensor:
+    """``(R, C, *patch)`` trilinear resamplings of ``image`` ``(C, X, Y, Z)`` inside each box."""
+    img = torch.from_numpy(np.ascontiguousarray(image))[None].expand(len(boxes), -1, -1, -1, -1)
+    grid = F.affine_grid(_theta(boxes, image.shape[1:]), [len(boxes), image.shape[0], *patch], align_corners=False)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class VoCoSampler:
+    """Batches of ``volumes_per_step`` volumes, each as ``g*g`` bases then ``crops`` random crops.
+
+    ``image`` ``(V*(K+R), C, *patch)``; ``overlap`` ``(V, R, K)``; ``volume`` ``(V*(K+R),)``. Each crop gets its own
+    flips (p 0.2 per axis) and intensity shift (±0.1, p 0.1), as the official code; the overlap is the crop's
+    position, so augmentation does not change it. Deterministic in ``(seed, step)``.
+    """
+
+    def __init__(self, volumes: Sequence[Volume], patch_size: Sequence[int], seed: int, volumes_per_step: int = 2,
+                 crops: int = 2, grid: int = 0) -> None:
+        if not volumes:
+            raise ValueError("VoCo needs at least one volume")
+        if any(v.image.ndim != 4 for v in volumes):
+            raise ValueError("VoCo crops 3-D volumes")
+        self.images = [v.image for v in volumes]
+        self.patch = tuple(int(p) for p in patch_size)
+        self.seed, self.per_step, self.crops = seed, volumes_per_step, crops
+        # one grid for every volume (the batch stacks their bases): the smallest volume decides when automatic
+        self.grid = grid or min(grid_size(img.shape[1:], self.patch) for img in self.images)
+
+    def boxes(self, v: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        extent = self.images[v].shape[1:]
+        bases = base_boxes(extent, self.grid)
+        size = bases[0, :, 1] - bases[0, :, 0]
+        starts = rng.uniform(0.0, 1.0, size=(self.crops, 2)) * (np.asarray(extent[:2]) - size)
+        crops = np.stack([starts, starts + size], -1)
+        return bases, crops
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, 7])
+        chosen = rng.choice(len(self.images), size=self.per_step, replace=len(self.images) < self.per_step)
+        images, overlaps, index = [], [], []
+        for v in chosen:
+            bases, crops = self.boxes(int(v), rng)
+            views = sample_crops(self.images[int(v)], np.concatenate([bases, crops]), self.patch)
+            flips = rng.random((len(views), 3)) < 0.2
+            for r in range(len(views)):
+                axes = [1 + d for d in range(3) if flips[r, d]]  # (C, X, Y, Z)
+                if axes:
+                    views[r] = views[r].flip(axes)
+            shift = np.where(rng.random(len(views)) < 0.1, rng.uniform(-0.1, 0.1, len(views)), 0.0)
+            views = views + torch.tensor(shift, dtype=views.dtype).view(-1, 1, 1, 1, 1)
+            images.append(views)
+            overlaps.append(torch.tensor(overlap_fractions(crops, bases), dtype=torch.float32))
+            index += [int(v)] * len(views)
+        return {"image": torch.cat(images).contiguous(), "overlap": torch.stack(overlaps),
+                "volume": torch.tensor(index, dtype=torch.int64)}

@@ -1,0 +1,112 @@
+"""VoCo: overlap targets from boxes against a voxel count, crops from the right place, losses against loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from frugalseg.data.voco_crops import VoCoSampler, base_boxes, grid_size, overlap_fractions, sample_crops
+from frugalseg.data.volume import Volume
+from frugalseg.losses.voco import base_dissimilarity, overlap_logits, overlap_losses
+from frugalseg.methods.voco import VoCo
+from frugalseg.nn.unet import UNet
+
+
+def test_overlap_fractions_equal_a_voxel_count():
+    rng = np.random.default_rng(0)
+    extent, g = (24, 36), 3
+    bases = base_boxes(extent, g)
+    for _ in range(20):
+        x0, y0 = rng.integers(0, extent[0] - 8 + 1), rng.integers(0, extent[1] - 12 + 1)
+        crop = np.array([[[x0, x0 + 8], [y0, y0 + 12]]], dtype=np.float64)
+        got = overlap_fractions(crop, bases)[0]
+        mask = np.zeros(extent, bool)
+        mask[x0:x0 + 8, y0:y0 + 12] = True
+        for k, ((a, b), (c, d)) in enumerate(bases.astype(int)):
+            assert got[k] == mask[a:b, c:d].sum() / ((b - a) * (d - c))
+        assert abs(got.sum() - 1.0) < 1e-12  # a base-sized crop inside the grid covers one base's worth
+
+
+def test_grid_and_random_crops_stay_inside_the_volume():
+    vol = Volume("v", np.zeros((1, 50, 70, 9), np.float32), None, np.eye(4), (1.0, 1.0, 1.0))
+    assert grid_size((50, 70, 9), (24, 24, 9)) == 2 and grid_size((400, 400, 9), (24, 24, 9)) == 4
+    sampler = VoCoSampler([vol], (16, 16, 8), seed=0, crops=5)
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        bases, crops = sampler.boxes(0, rng)
+        assert (crops[..., 0] >= 0).all() and (crops[:, 0, 1] <= 50).all() and (crops[:, 1, 1] <= 70).all()
+        np.testing.assert_allclose(overlap_fractions(crops, bases).sum(1), 1.0)
+
+
+def test_crops_sample_the_box_they_claim():
+    image = np.arange(8 * 12 * 4, dtype=np.float32).reshape(1, 8, 12, 4)
+    box = np.array([[[2.0, 6.0], [4.0, 10.0]]])  # voxels 2..5 x 4..9, full depth
+    crop = sample_crops(image, box, (4, 6, 4))  # same voxel size: an exact copy
+    torch.testing.assert_close(crop[0], torch.from_numpy(image[:, 2:6, 4:10, :]))
+
+
+def test_batch_layout_and_determinism():
+    vols = [Volume(f"v{i}", np.random.default_rng(i).normal(size=(1, 40, 40, 8)).astype(np.float32), None,
+                   np.eye(4), (1.0, 1.0, 1.0)) for i in range(3)]
+    sampler = VoCoSampler(vols, (16, 16, 8), seed=1, volumes_per_step=2, crops=2)
+    b = sampler.batch(5)
+    assert b["image"].shape == (2 * (4 + 2), 1, 16, 16, 8) and b["overlap"].shape == (2, 2, 4)
+    torch.testing.assert_close(b["overlap"].sum(-1), torch.ones(2, 2))
+    torch.testing.assert_close(sampler.batch(5)["image"], b["image"])
+
+
+def _naive(p, q, y):
+    pos, neg, reg = [], [], []
+    for v in range(p.shape[0]):
+        logits = torch.stack([torch.stack([F.relu(F.cosine_similarity(p[v, r], q[v, k], dim=0))
+                                           for k in range(q.shape[1])]) for r in range(p.shape[1])])
+        yy = y[v]
+        pos.append(-(yy * torch.log(1 - (yy - logits).abs() + 1e-6)).sum() / (yy.sum() + 1e-6))
+        zeros = [(r, k) for r in range(yy.shape[0]) for k in range(yy.shape[1]) if yy[r, k] == 0]
+        neg.append(sum(logits[r, k] ** 2 for r, k in zeros) / (len(zeros) + 1e-6))
+        terms = [F.relu(F.cosine_similarity(q[v, a], q[v, b], dim=0)) ** 2
+                 for a in range(q.shape[1]) for b in range(a + 1, q.shape[1])]
+        reg.append(torch.stack(terms).mean())
+    return torch.stack(pos).mean(), torch.stack(neg).mean(), torch.stack(reg).mean()
+
+
+def test_losses_equal_a_per_crop_loop():
+    torch.manual_seed(0)
+    p, q = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    y = torch.tensor([[[0.5, 0.5, 0, 0], [0.25, 0.25, 0.25, 0.25], [0, 0, 0, 1.0]],
+                      [[1.0, 0, 0, 0], [0, 0.7, 0, 0.3], [0.1, 0.2, 0.3, 0.4]]])
+    pos, neg = overlap_losses(overlap_logits(p, q), y)
+    reg = base_dissimilarity(q)
+    npos, nneg, nreg = _naive(p, q, y)
+    for a, b in ((pos, npos), (neg, nneg), (reg, nreg)):
+        assert abs(a.item() - b.item()) < 1e-5
+
+
+def test_perfect_prediction_costs_nothing_and_regulariser_stops_gradient_on_one_side():
+    y = torch.tensor([[[0.6, 0.4]]])
+    pos, neg = overlap_losses(y.clone(), y)
+    assert abs(pos.item()) < 1e-5 and neg.item() == 0
+    q = torch.randn(1, 3, 4, requires_grad=True)
+    base_dissimilarity(q).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_voco_step_decreases_its_loss():
+    torch.manual_seed(0)
+    vols = [Volume(f"v{i}", np.random.default_rng(i).normal(size=(1, 40, 40, 12)).astype(np.float32), None,
+                   np.eye(4), (1.0, 1.0, 1.0)) for i in range(2)]
+    method = VoCo(UNet(3, 1, 2, (4, 8, 16)), hidden=32, projection=32, teacher=True)
+    sampler = method.make_sampler(vols, (16, 16, 12), 0)
+    batch = sampler.batch(0)
+    opt = torch.optim.Adam(method.parameters(), 1e-2)
+    first = None
+    for _ in range(15):
+        out = method.training_step(batch, 0.0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        method.after_optimizer_step(0.0)
+        first = first if first is not None else out.loss.item()
+    assert out.loss.item() < first
+    assert all(not p.requires_grad for p in method.teacher_net.parameters())
