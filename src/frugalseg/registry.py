@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "lcl": "frugalseg.methods.lcl:LocalContrastive",
     "byol": "frugalseg.methods.byol:BYOL",
     "voco": "frugalseg.methods.voco:VoCo",
+    "pcrlv2": "frugalseg.methods.pcrlv2:PCRLv2",
 }
 
 NETWORKS: dict[str, str] = {

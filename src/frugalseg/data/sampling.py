@@ -221,11 +221,12 @@ def method_sampler(method, volumes: Sequence[Volume], unlabelled: Sequence[Volum
                    augment: AugmentConfig | None):
     """The batch source a method asks for: its ``sampling`` options on ``volumes``, plus an unlabelled stream
     over ``unlabelled`` when it declares ``unlabelled_sampling`` (semi-supervised methods). A method whose views are
-    not patches (VoCo's base and random crops) builds its own with ``make_sampler(volumes, patch_size, seed)``."""
+    not patches (VoCo's bases, PCRLv2's sub-crops) builds its own with
+    ``make_sampler(volumes, patch_size, seed, spatial_dims=..., batch_size=...)``."""
     make = getattr(method, "make_sampler", None)
     if make is not None:
         try:
-            return make(volumes, patch_size, seed)
+            return make(volumes, patch_size, seed, spatial_dims=spatial_dims, batch_size=batch_size)
         except ValueError as exc:
             from frugalseg.errors import UserError
 

@@ -62,7 +62,7 @@ class VoCo(nn.Module):
         self.teacher_net = frozen_copy(net) if teacher else None
         self.teacher_head = frozen_copy(self.head) if teacher else None
 
-    def make_sampler(self, volumes, patch_size, seed):
+    def make_sampler(self, volumes, patch_size, seed, **_):
         from frugalseg.data.voco_crops import VoCoSampler
 
         return VoCoSampler(volumes, patch_size, seed, **self.options)

@@ -1,0 +1,142 @@
+"""PCRLv2's views (Zhou et al., TPAMI 2023): two global crops under an IoU constraint, local crops inside their
+bounding box ("sub-crop"); spatial augmentation on every view, corruption the restoration must undo.
+
+Works on 2-D slices and 3-D volumes alike: boxes are ``(D, 2)`` integer ``[start, stop)`` per spatial axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from frugalseg.data.sampling import as_training_arrays
+from frugalseg.data.volume import Volume
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.clip(np.minimum(a[:, 1], b[:, 1]) - np.maximum(a[:, 0], b[:, 0]), 0, None).prod()
+    union = (a[:, 1] - a[:, 0]).prod() + (b[:, 1] - b[:, 0]).prod() - inter
+    return float(inter / union)
+
+
+def random_box(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, frac: tuple[float, float]) -> np.ndarray:
+    """A box of ``frac`` of the extent ``hi - lo`` per axis (at least 2 voxels), uniformly placed inside
+    ``[lo, hi)``."""
+    extent = hi - lo
+    size = np.maximum(np.round(extent * rng.uniform(*frac, size=len(extent))).astype(int), np.minimum(2, extent))
+    start = lo + np.array([rng.integers(0, e - s + 1) for e, s in zip(extent, size)])
+    return np.stack([start, start + size], -1)
+
+
+def sub_crop_boxes(rng: np.random.Generator, shape: Sequence[int], n_local: int, min_iou: float = 0.3,
+                   global_frac: tuple[float, float] = (0.5, 0.9), local_frac: tuple[float, float] = (0.3, 0.6),
+                   tries: int = 50) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two global boxes with IoU > ``min_iou`` (the second redrawn up to ``tries`` times, else a copy of the
+    first), and ``n_local`` local boxes inside the minimal box holding both (fractions of that box's extent)."""
+    lo, hi = np.zeros(len(shape), int), np.asarray(shape, int)
+    g1 = random_box(rng, lo, hi, global_frac)
+    g2 = g1.copy()
+    for _ in range(tries):
+        cand = random_box(rng, lo, hi, global_frac)
+        if box_iou(g1, cand) > min_iou:
+            g2 = cand
+            break
+    bbox = np.stack([np.minimum(g1[:, 0], g2[:, 0]), np.maximum(g1[:, 1], g2[:, 1])], -1)
+    local = np.stack([random_box(rng, bbox[:, 0], bbox[:, 1], local_frac) for _ in range(n_local)])
+    return np.stack([g1, g2]), local, bbox
+
+
+def crop_resize(image: np.ndarray, box: np.ndarray, size: Sequence[int]) -> torch.Tensor:
+    """``(C, *size)``: the box of ``image`` ``(C, *spatial)`` resampled (bi/trilinear) to ``size``."""
+    crop = torch.from_numpy(np.ascontiguousarray(image[(slice(None), *(slice(a, b) for a, b in box))]))
+    mode = "bilinear" if crop.dim() == 3 else "trilinear"
+    return F.interpolate(crop[None].float(), size=tuple(size), mode=mode, align_corners=False)[0]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    lo = x.flatten(1).min(1).values.view(-1, *([1] * (x.dim() - 1)))
+    hi = x.flatten(1).max(1).values.view(-1, *([1] * (x.dim() - 1)))
+    return (x - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma < 0.1:
+        return x
+    r = max(1, int(math.ceil(2 * sigma)))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma * sigma))
+    k = k / k.sum()
+    dims = x.dim() - 1
+    out = x[None]
+    for d in range(dims):  # separable Gaussian, reflect-free: replicate borders
+        shape = [1, 1] + [1] * dims
+        shape[2 + d] = len(k)
+        conv = F.conv2d if dims == 2 else F.conv3d
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - d)] = pad[2 * (dims - 1 - d) + 1] = r
+        c = out.shape[1]
+        out = conv(F.pad(out, pad, mode="replicate"), k.view(shape).expand(c, 1, *shape[2:]), groups=c)
+    return out[0]
+
+
+def corrupt(view: torch.Tensor, rng: np.random.Generator, swap: bool) -> torch.Tensor:
+    """The official corruption of a [0, 1] view: blur σ~U(0,2), noise σ~U(0,0.25), gamma log γ~U(−0.3,0.3),
+    (globals) 100 swaps of small patches; then z-normalisation."""
+    x = _blur(view, float(rng.uniform(0, 2)))
+    x = x + torch.from_numpy(rng.normal(0, rng.uniform(0, 0.25), size=x.shape).astype(np.float32))
+    gamma = float(np.exp(rng.uniform(-0.3, 0.3)))
+    x = torch.sign(x) * x.abs().pow(gamma)
+    if swap:
+        spatial = x.shape[1:]
+        p = [max(1, s // 8) for s in spatial]
+        x = x.clone()
+        for _ in range(100):
+            a = [int(rng.integers(0, s - q + 1)) for s, q in zip(spatial, p)]
+            b = [int(rng.integers(0, s - q + 1)) for s, q in zip(spatial, p)]
+            ia = (slice(None), *(slice(u, u + q) for u, q in zip(a, p)))
+            ib = (slice(None), *(slice(u, u + q) for u, q in zip(b, p)))
+            tmp = x[ia].clone()
+            x[ia] = x[ib]
+            x[ib] = tmp
+    return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+
+class SubCropSampler:
+    """Batches of ``batch_size`` samples: ``image``/``view2`` (corrupted global views, z-scored), ``target`` (global
+    view 1 spatially augmented, not corrupted, in [0, 1]), ``local`` ``(B, L, C, *local_size)``, and the boxes
+    (``boxes`` ``(B, 2, D, 2)``, ``local_boxes`` ``(B, L, D, 2)``, in the voxel grid of the sampled slice/volume).
+    Spatial augmentation = a random flip per axis and view (p 0.5); deterministic in ``(seed, step)``."""
+
+    def __init__(self, volumes: Sequence[Volume], spatial_dims: int, patch_size: Sequence[int], batch_size: int,
+                 seed: int, locals_per_sample: int = 6, min_iou: float = 0.3) -> None:
+        if not volumes:
+            raise ValueError("PCRLv2 needs at least one volume")
+        self.arrays = [as_training_arrays(v, spatial_dims)[0] for v in volumes]
+        self.dims, self.patch = spatial_dims, tuple(int(p) for p in patch_size)
+        self.local = tuple(max(8, p // 2) for p in self.patch)
+        self.batch_size, self.seed, self.n_local, self.min_iou = batch_size, seed, locals_per_sample, min_iou
+
+    def _flip(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        axes = [1 + d for d in range(x.dim() - 1) if rng.random() < 0.5]
+        return x.flip(axes) if axes else x
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, 11])
+        out: dict[str, list] = {k: [] for k in ("image", "view2", "target", "local", "boxes", "local_boxes")}
+        for _ in range(self.batch_size):
+            arr = self.arrays[int(rng.integers(len(self.arrays)))]
+            if self.dims == 2:  # one slice (slice axis first in the training arrays)
+                arr = arr[:, int(rng.integers(arr.shape[1]))]
+            globals_, local, _ = sub_crop_boxes(rng, arr.shape[1:], self.n_local, self.min_iou)
+            g = [_unit(self._flip(crop_resize(arr, b, self.patch), rng)) for b in globals_]
+            out["target"].append(g[0])
+            out["image"].append(corrupt(g[0], rng, swap=True))
+            out["view2"].append(corrupt(g[1], rng, swap=True))
+            out["local"].append(torch.stack([corrupt(_unit(self._flip(crop_resize(arr, b, self.local), rng)), rng,
+                                                     swap=False) for b in local]))
+            out["boxes"].append(torch.from_numpy(globals_))
+            out["local_boxes"].append(torch.from_numpy(local))
+        return {k: torch.stack(v).contiguous() for k, v in out.items()}

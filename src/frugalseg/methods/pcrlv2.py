@@ -1,0 +1,109 @@
+"""PCRLv2 (Zhou et al., TPAMI 2023): multi-scale pixel restoration and multi-scale siamese feature comparison on a
+U-Net without skip connections, with global and local (sub-crop) views."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from frugalseg.methods.base import StepOutput
+from frugalseg.nn.heads import global_pool
+
+
+def siamese_cosine(pre_a: torch.Tensor, pro_a: torch.Tensor, pre_b: torch.Tensor, pro_b: torch.Tensor
+                   ) -> torch.Tensor:
+    """``−½[cos(pre_a, sg(pro_b)) + cos(pre_b, sg(pro_a))]``, batch mean (SimSiam's symmetric loss)."""
+    return -0.5 * (F.cosine_similarity(pre_a, pro_b.detach(), dim=-1).mean()
+                   + F.cosine_similarity(pre_b, pro_a.detach(), dim=-1).mean())
+
+
+def restoration_weight(progress: float) -> float:
+    """β = ½(1 + cos(π·progress)): the intermediate restoration fades out over training (official: over 240
+    epochs)."""
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PCRLv2(nn.Module):
+    """Per decoder scale ``s``: projector ``pro_s = BN(GAP(d_s))``, predictor ``pre_s`` (Linear C→2C, BN, ReLU,
+    Linear 2C→C) and a restoration head (conv 3 → sigmoid, upsampled to the input size); a full-resolution
+    restoration head on the last decoder features. Losses (weights 1 except β):
+
+    * ``L_rec = MSE(restore(g1), target)`` (global view 1, un-corrupted, in [0, 1]);
+    * ``L_mid = β(progress)·MSE(mask_{s*}(g1), target)``;
+    * ``L_glob = siamese_cosine(g1, g2)`` at a random scale ``s*`` (shared with ``L_mid``);
+    * ``L_local = mean_i ½[siamese_cosine(g1, l_i) + siamese_cosine(g2, l_i)]``, each comparison at its own random
+      scale.
+
+    Use it on the nsU-Net (``model.skip=false``, the recipe's setting). The network kept is ``net``; the heads are
+    dropped.
+    """
+
+    kind = "pretrain"
+    partial_graph = True  # the segmentation head of the U-Net is not trained here
+
+    def __init__(self, net: nn.Module, locals_per_sample: int = 6, min_iou: float = 0.3) -> None:
+        super().__init__()
+        channels = getattr(net, "channels", None)
+        if not channels:
+            raise ValueError("pcrlv2 needs the U-Net (model.name=unet, preferably model.skip=false)")
+        if locals_per_sample < 1 or not 0.0 <= min_iou < 1.0:
+            raise ValueError("locals_per_sample must be >= 1 and min_iou in [0, 1)")
+        self.net, self.options = net, {"locals_per_sample": locals_per_sample, "min_iou": min_iou}
+        dims = net.spatial_dims
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        in_ch = net.encoder[0][0].in_channels
+        scales = list(reversed(channels[:-1]))  # decoder widths, coarse to fine
+        self.projectors = nn.ModuleList(nn.BatchNorm1d(c) for c in scales)
+        self.predictors = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, 2 * c), nn.BatchNorm1d(2 * c), nn.ReLU(inplace=True), nn.Linear(2 * c, c))
+            for c in scales)
+        self.masks = nn.ModuleList(conv(c, in_ch, 3, padding=1) for c in scales)
+        self.restore = conv(channels[0], in_ch, 1)
+
+    def make_sampler(self, volumes, patch_size, seed, spatial_dims=3, batch_size=4, **_):
+        from frugalseg.data.pcrl_crops import SubCropSampler
+
+        if batch_size < 2:
+            raise ValueError("pcrlv2 needs data.batch_size >= 2 (its projectors are BatchNorm over the batch)")
+
+        return SubCropSampler(volumes, spatial_dims, patch_size, batch_size, seed, **self.options)
+
+    def _heads(self, decoded: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pro = [bn(global_pool(d).float()) for bn, d in zip(self.projectors, decoded)]
+        return pro, [p(x) for p, x in zip(self.predictors, pro)]
+
+    def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
+        b = batch["image"].shape[0]
+        _, dec_g = self.net.decode(self.net.encode(torch.cat([batch["image"], batch["view2"]])))
+        local = batch["local"]
+        n_local = local.shape[1]
+        _, dec_l = self.net.decode(self.net.encode(local.flatten(0, 1)))  # locals in their own pass
+        pro_g, pre_g = self._heads(dec_g)
+        pro_l, pre_l = self._heads(dec_l)
+        n_scales = len(pro_g)
+
+        def pick() -> int:
+            return int(torch.randint(n_scales, (1,)).item())
+
+        s_star = pick()
+        glob = siamese_cosine(pre_g[s_star][:b], pro_g[s_star][:b], pre_g[s_star][b:], pro_g[s_star][b:])
+        terms = []
+        for i in range(n_local):
+            for half in (slice(0, b), slice(b, 2 * b)):
+                s = pick()
+                pl, ql = pro_l[s].view(b, n_local, -1)[:, i], pre_l[s].view(b, n_local, -1)[:, i]
+                terms.append(siamese_cosine(pre_g[s][half], pro_g[s][half], ql, pl))
+        loc = torch.stack(terms).mean()
+        target = batch["target"].float()
+        rec = F.mse_loss(torch.sigmoid(self.restore(dec_g[-1][:b]).float()), target)
+        mask = torch.sigmoid(self.masks[s_star](dec_g[s_star][:b]).float())
+        mode = "bilinear" if mask.dim() == 4 else "trilinear"
+        mask = F.interpolate(mask, size=target.shape[2:], mode=mode, align_corners=False)
+        beta = restoration_weight(progress)
+        mid = F.mse_loss(mask, target)
+        loss = rec + beta * mid + glob + loc
+        return StepOutput(loss, {"loss_rec": rec.detach(), "loss_mid": mid.detach(), "loss_global": glob.detach(),
+                                 "loss_local": loc.detach(), "beta": beta})

@@ -1,0 +1,93 @@
+"""PCRLv2: sub-crop boxes, IoU constraint, corruption vs target, the siamese loss and its stop-gradient."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from frugalseg.data.pcrl_crops import SubCropSampler, box_iou, crop_resize, sub_crop_boxes
+from frugalseg.data.volume import Volume
+from frugalseg.methods.pcrlv2 import PCRLv2, restoration_weight, siamese_cosine
+from frugalseg.nn.unet import UNet
+
+
+def test_box_iou_known_values():
+    a = np.array([[0, 4], [0, 4]])
+    assert box_iou(a, a) == 1.0
+    assert box_iou(a, np.array([[2, 6], [0, 4]])) == 8 / 24
+    assert box_iou(a, np.array([[4, 8], [0, 4]])) == 0.0
+
+
+def test_sub_crops_respect_the_volume_the_iou_and_the_bounding_box():
+    rng = np.random.default_rng(0)
+    for shape in [(40, 56, 24), (64, 48)]:
+        for _ in range(200):
+            globals_, local, bbox = sub_crop_boxes(rng, shape, 6)
+            hi = np.asarray(shape)
+            assert (globals_[..., 0] >= 0).all() and (globals_[..., 1] <= hi).all()
+            assert (globals_[..., 1] - globals_[..., 0] >= 2).all()
+            assert box_iou(globals_[0], globals_[1]) > 0.3
+            np.testing.assert_array_equal(bbox[:, 0], globals_[:, :, 0].min(0))
+            np.testing.assert_array_equal(bbox[:, 1], globals_[:, :, 1].max(0))
+            assert (local[..., 0] >= bbox[:, 0]).all() and (local[..., 1] <= bbox[:, 1]).all()
+
+
+def test_crop_resize_at_the_same_size_is_the_box():
+    image = np.arange(2 * 10 * 12, dtype=np.float32).reshape(2, 10, 12)
+    box = np.array([[3, 7], [2, 11]])
+    torch.testing.assert_close(crop_resize(image, box, (4, 9)), torch.from_numpy(image[:, 3:7, 2:11]))
+
+
+def test_sampler_views_targets_and_determinism():
+    vols = [Volume(f"v{i}", np.random.default_rng(i).normal(size=(1, 30, 40, 20)).astype(np.float32), None,
+                   np.eye(4), (1.0, 1.0, 1.0)) for i in range(2)]
+    s = SubCropSampler(vols, 3, (16, 16, 16), batch_size=3, seed=0, locals_per_sample=4)
+    b = s.batch(2)
+    assert b["image"].shape == b["view2"].shape == b["target"].shape == (3, 1, 16, 16, 16)
+    assert b["local"].shape == (3, 4, 1, 8, 8, 8) and b["boxes"].shape == (3, 2, 3, 2)
+    flat = b["target"].flatten(1)
+    torch.testing.assert_close(flat.min(1).values, torch.zeros(3))  # restoration target in [0, 1]
+    torch.testing.assert_close(flat.max(1).values, torch.ones(3))
+    z = b["image"].flatten(1)  # the corrupted input is z-scored and differs from the target
+    torch.testing.assert_close(z.mean(1), torch.zeros(3), atol=1e-4, rtol=0)
+    assert not torch.allclose(b["image"], b["target"])
+    torch.testing.assert_close(s.batch(2)["image"], b["image"])
+
+
+def test_siamese_cosine_against_a_loop_and_stop_gradient():
+    torch.manual_seed(0)
+    pre_a, pro_a, pre_b, pro_b = (torch.randn(5, 7, requires_grad=True) for _ in range(4))
+    loss = siamese_cosine(pre_a, pro_a, pre_b, pro_b)
+    naive = -0.5 * (sum(F.cosine_similarity(pre_a[i], pro_b[i], dim=0) for i in range(5)) / 5
+                     + sum(F.cosine_similarity(pre_b[i], pro_a[i], dim=0) for i in range(5)) / 5)
+    assert abs(loss.item() - naive.item()) < 1e-6
+    loss.backward()
+    assert pro_a.grad is None and pro_b.grad is None  # targets are stop-gradient
+    assert pre_a.grad is not None and pre_b.grad is not None
+
+
+def test_restoration_weight_schedule():
+    assert restoration_weight(0.0) == 1.0 and abs(restoration_weight(1.0)) < 1e-12
+    assert abs(restoration_weight(0.5) - 0.5) < 1e-12
+    assert abs(restoration_weight(0.25) - (1 + math.sqrt(0.5)) / 2) < 1e-12
+
+
+def test_pcrlv2_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vols = [Volume("v", np.random.default_rng(1).normal(size=(1, 24, 24, 16)).astype(np.float32), None, np.eye(4),
+                   (1.0, 1.0, 1.0))]
+    method = PCRLv2(UNet(3, 1, 2, (4, 8, 16), skip=False), locals_per_sample=2)
+    batch = method.make_sampler(vols, (16, 16, 16), 0, spatial_dims=3, batch_size=2).batch(0)
+    opt = torch.optim.Adam(method.parameters(), 3e-3)
+    losses = []
+    for _ in range(12):
+        torch.manual_seed(1)  # the same random scales every step: a fixed objective
+        out = method.training_step(batch, 0.0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.logs["loss_rec"].item())
+    assert losses[-1] < losses[0]
