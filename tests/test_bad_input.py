@@ -104,7 +104,7 @@ def _cases(phantoms_2d, models, tmp: Path):
         ("data folder missing", ["train", "--data", inp / "nope", "--labeled", 1, "--out", out],
          f"--data {inp / 'nope'}: folder not found"),
         ("unknown method", [*train, "--method", "magic"],
-         "--method: unknown name 'magic' (choose from byol, gcl, lcl, mean_teacher, patchcl, supervised)"),
+         "--method: unknown name 'magic' (choose from byol, gcl, lcl, mean_teacher, patchcl, pcrlv2, supervised, voco)"),
         ("pre-training with a training method", ["pretrain", "--data", phantoms_2d, "--method", "supervised",
                                                  "--out", out],
          "--method supervised: not a pre-training method (use `frugalseg train`)"),
@@ -136,7 +136,7 @@ def _cases(phantoms_2d, models, tmp: Path):
                                        "--seeds", 0, "--out", out],
          "--recipes: unknown recipe 'nonsense' (available: byol, gcl-gd, gcl-gd+lcl-ld, gcl-gd+lcl-lr, "
          "gcl-gd+lcl-lr+patchcl, gcl-gd-, gcl-gr, gcl-gr+lcl-ld, gcl-gr+lcl-lr, mean-teacher, mean-teacher+selfreg, "
-         "no-augment, patchcl, patchcl+selfreg, random, supervised+selfreg)"),
+         "no-augment, patchcl, patchcl+selfreg, pcrlv2, random, supervised+selfreg, voco)"),
         ("import-weights: missing file", ["import-weights", inp / "none.pt", out / "w.pt", "--format", "voco"],
          f"{inp / 'none.pt'}: weights file not found"),
         ("import-weights: pickled objects", ["import-weights", ns, inp / "w.pt", "--format", "voco"], None),
