@@ -119,7 +119,8 @@ def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in batch.items():
         n = value.shape[0]
         if n % w:
-            raise UserError(f"data.batch_size ({n}) must be a multiple of the {w} processes of this torchrun job")
+            raise UserError(f"batch tensor '{key}' has {n} rows, not a multiple of the {w} processes of this torchrun "
+                            "job (set data.batch_size, or VoCo's method.volumes_per_step, to a multiple)")
         out[key] = value[r * (n // w):(r + 1) * (n // w)]
     return out
 
