@@ -104,7 +104,8 @@ def _cases(phantoms_2d, models, tmp: Path):
         ("data folder missing", ["train", "--data", inp / "nope", "--labeled", 1, "--out", out],
          f"--data {inp / 'nope'}: folder not found"),
         ("unknown method", [*train, "--method", "magic"],
-         "--method: unknown name 'magic' (choose from byol, gcl, lcl, mean_teacher, patchcl, pcrlv2, supervised, voco)"),
+         "--method: unknown name 'magic' (choose from byol, gcl, lcl, mean_teacher, patchcl, pcrlv2, supervised, "
+         "voco)"),
         ("pre-training with a training method", ["pretrain", "--data", phantoms_2d, "--method", "supervised",
                                                  "--out", out],
          "--method supervised: not a pre-training method (use `frugalseg train`)"),

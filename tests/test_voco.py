@@ -87,9 +87,13 @@ def test_perfect_prediction_costs_nothing_and_regulariser_stops_gradient_on_one_
     y = torch.tensor([[[0.6, 0.4]]])
     pos, neg = overlap_losses(y.clone(), y)
     assert abs(pos.item()) < 1e-5 and neg.item() == 0
-    q = torch.randn(1, 3, 4, requires_grad=True)
-    base_dissimilarity(q).backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    q = torch.tensor([[[1.0, 0.2, 0.0], [0.8, 0.6, 0.0]]], requires_grad=True)  # two bases, cos > 0
+    reg = base_dissimilarity(q)
+    cos = F.cosine_similarity(q[0, 0], q[0, 1], dim=0)
+    assert abs(reg.item() - cos.item() ** 2) < 1e-6
+    reg.backward()
+    assert q.grad[0, 0].abs().sum() > 0  # the first base of the pair is pushed away...
+    assert torch.equal(q.grad[0, 1], torch.zeros(3))  # ...from a stop-gradient copy of the second
 
 
 def test_voco_step_decreases_its_loss():

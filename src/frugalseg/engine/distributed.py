@@ -36,10 +36,6 @@ class Context:
     local_rank: int = 0
     local_world: int = 1
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
 
 def context() -> Context:
     """This process's place in the job, read from the environment ``torchrun`` sets (single process otherwise)."""
@@ -51,8 +47,8 @@ def context() -> Context:
         return Context(int(env["RANK"]), world, int(env.get("LOCAL_RANK", "0")),
                        int(env.get("LOCAL_WORLD_SIZE", str(world))))
     except (KeyError, ValueError):
-        raise UserError("WORLD_SIZE is set but RANK/LOCAL_RANK are missing or not integers: launch with "
-                        "`torchrun`") from None
+        raise UserError("WORLD_SIZE is set but RANK/LOCAL_RANK/LOCAL_WORLD_SIZE are missing or not integers: "
+                        "launch with `torchrun`") from None
 
 
 def active() -> bool:
@@ -61,14 +57,6 @@ def active() -> bool:
 
 def is_main() -> bool:
     return not active() or dist.get_rank() == 0
-
-
-def rank() -> int:
-    return dist.get_rank() if active() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if active() else 1
 
 
 def setup() -> torch.device:
@@ -99,15 +87,6 @@ def teardown() -> None:
 def barrier() -> None:
     if active():
         dist.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,10 +26,9 @@ def set_threads(requested: int = 0) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     # processes of one torchrun job on this machine share its cores
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
+    from frugalseg.engine.distributed import context
+
+    local = max(1, context().local_world)
     n = requested if requested > 0 else max(1, cores // local)
     torch.set_num_threads(n)
     return n
