@@ -154,6 +154,7 @@ def train(
     if resume and load_report is not None:
         report(f"--init {init}: {load_report.summary()} (no checkpoint yet: restarting from the initial weights)")
     if not resume:
+        dist.barrier()  # every rank has checked --out before rank 0 creates or replaces it
         if main:
             prepare_dir(out, resume=False, force=force)
         meta = {"method": method, "labeled": labeled, "seed": seed, "data": str(source.root),

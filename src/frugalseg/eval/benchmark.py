@@ -90,11 +90,6 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: exists and is not a benchmark folder")
-    try:
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split, "set": sets or []}
     if (out / MANIFEST).is_file():  # continuing (or extending) a benchmark: the fixed settings must agree
         before = json.loads((out / MANIFEST).read_text())
@@ -102,7 +97,12 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
             if before.get(key) != manifest[key]:
                 raise UserError(f"--out {out}: this benchmark was started with {option} {before.get(key)!r}, "
                                 f"not {manifest[key]!r} (use another --out)")
+    dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
         _write_text(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labeled": labeled, "seeds": seeds},
                                                indent=1))
     dist.barrier()
