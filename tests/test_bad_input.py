@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -89,8 +90,10 @@ def _cases(phantoms_2d, models, tmp: Path):
     zi.header["pixdim"][2] = 0.0
     nib.save(zi, zimg)
 
-    ns = inp / "pcrlv2.pt"  # a released checkpoint pickling an argparse.Namespace
-    torch.save({"opt": argparse.Namespace(lr=0.1), "state_dict": {"w": torch.zeros(2)}}, ns)
+    ns = inp / "unsafe.pt"  # a checkpoint that would call a function when unpickled
+    torch.save({"opt": os.system, "state_dict": {"w": torch.zeros(2)}}, ns)
+    pcrl = inp / "pcrlv2.pt"  # a PCRLv2-style checkpoint (argparse.Namespace) without PCRLv2 tensors
+    torch.save({"opt": argparse.Namespace(lr=0.1), "state_dict": {"w": torch.zeros(2)}}, pcrl)
     garbage = inp / "garbage.pt"
     garbage.write_bytes(np.random.default_rng(1).bytes(300))
     two_ch = _nifti(inp / "two_channels.nii.gz", (20, 20, 6, 2))
@@ -144,7 +147,11 @@ def _cases(phantoms_2d, models, tmp: Path):
         ("import-weights: existing output", ["import-weights", ns, existing, "--format", "voco"],
          f"{existing}: already exists (add --force to overwrite)"),
         ("import-weights: unknown format", ["import-weights", ns, inp / "w.pt", "--format", "pcrl"],
-         "--format: unknown format 'pcrl' (choose from voco, monai-ssl)"),
+         "--format: unknown format 'pcrl' (choose from voco, monai-ssl, pcrlv2)"),
+        ("import-weights: not PCRLv2 tensors", ["import-weights", pcrl, inp / "w.pt", "--format", "pcrlv2"],
+         f"{pcrl}: neither 'down_tr64.*' (3-D) nor ResNet-18 'conv1.weight' (2-D) tensors: not PCRLv2 weights"),
+        ("import-weights: bad --in-channels", ["import-weights", pcrl, inp / "w.pt", "--format", "pcrlv2",
+                                               "--in-channels", 0], "--in-channels: must be at least 1, got 0"),
         ("disk full writing a prediction", ["predict", m2d, good, inp / "p.nii.gz"],
          f"{inp / 'p.nii.gz'}: No space left on device"),
         ("disk full writing an evaluation", ["evaluate", m2d, "--data", phantoms_2d, "--split", "val"],
@@ -156,10 +163,10 @@ PATTERNS = {  # rows whose message embeds a library-dependent reason: the part w
     "label of another case's shape": r".*labelsTr/phantom_000\.nii\.gz: label shape \(\d+, \d+, \d+\) does not match "
                                      r"image shape \(\d+, \d+, \d+\)",
     "spacing zero (data)": r".*imagesTr/phantom_000\.nii\.gz: voxel spacing \(.*\) is missing or not positive",
-    "unsafe pickle as --init": r".*pcrlv2\.pt: not a loadable PyTorch checkpoint \(.*\)",
+    "unsafe pickle as --init": r".*unsafe\.pt: not a loadable PyTorch checkpoint \(.*\)",
     "random bytes as --init": r".*garbage\.pt: not a loadable PyTorch checkpoint \(.*\)",
     "not a NIfTI file": r".*garbage\.pt: cannot read NIfTI \(.*\)",
-    "import-weights: pickled objects": r".*pcrlv2\.pt: not a loadable PyTorch checkpoint \(.*\)",
+    "import-weights: pickled objects": r".*unsafe\.pt: not a loadable PyTorch checkpoint \(.*\)",
 }
 
 

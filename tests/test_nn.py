@@ -71,11 +71,15 @@ def test_load_pretrained_reports_and_refuses(tmp_path):
 
 def test_load_pretrained_never_unpickles_objects(tmp_path):
     import argparse
+    import os
 
     path = tmp_path / "pickled.pt"
-    torch.save({"args": argparse.Namespace(a=1), "state_dict": UNet(2, 1, 2, (4, 8)).state_dict()}, path)
+    torch.save({"hook": os.system, "state_dict": UNet(2, 1, 2, (4, 8)).state_dict()}, path)
     with pytest.raises(UserError, match="not a loadable PyTorch checkpoint"):
         load_pretrained(UNet(2, 1, 2, (4, 8)), path)
+    # argparse.Namespace is only attributes: PCRLv2's checkpoints keep their options in one
+    torch.save({"opt": argparse.Namespace(a=1), "state_dict": UNet(2, 1, 2, (4, 8)).state_dict()}, path)
+    assert len(load_pretrained(UNet(2, 1, 2, (4, 8)), path).loaded) > 0
 
 
 def test_registry_builds_swinunetr_from_config():

@@ -215,17 +215,17 @@ def export(
 def import_weights(
     source: Path = typer.Argument(..., help="Released weights file (read with weights_only=True)."),
     output: Path = typer.Argument(..., help="frugalseg weights file to write (for --init)."),
-    format_: str = typer.Option(..., "--format", help="voco | monai-ssl"),
+    format_: str = typer.Option(..., "--format", help="voco | monai-ssl | pcrlv2"),
+    in_channels: int | None = typer.Option(None, "--in-channels",
+                                              help="Adapt the input convolution(s) to this many image channels."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT."),
 ) -> None:
-    """Convert released SwinUNETR weights (VoCo, MONAI SSL) strictly, with a report; then `train --init`."""
+    """Convert released weights (VoCo, MONAI SwinUNETR SSL, PCRLv2) strictly, with a report; then `train --init`."""
     from frugalseg.nn.importers import write_imported
 
-    report = write_imported(source, format_, output, force)
-    net = report.network
+    report = write_imported(source, format_, output, force, in_channels)
     typer.echo(f"{report.summary()}; written {output}")
-    typer.echo(f"use: frugalseg train ... --init {output} --set model.name=swinunetr "
-               f"--set model.swin_feature_size={net['feature_size']} --set model.swin_v2={str(net['use_v2']).lower()}")
+    typer.echo(f"use: frugalseg train ... --init {output} {report.use_hint()}")
 
 
 @app.command()

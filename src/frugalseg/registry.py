@@ -21,6 +21,8 @@ METHODS: dict[str, str] = {
 NETWORKS: dict[str, str] = {
     "unet": "frugalseg.nn.unet:UNet",
     "swinunetr": "frugalseg.nn.swin:SwinUNETRNet",
+    "genesis": "frugalseg.nn.genesis:GenesisUNet",
+    "resnet18_unet": "frugalseg.nn.resnet_unet:ResNet18UNet",
 }
 
 DATASETS: dict[str, str] = {
@@ -55,6 +57,12 @@ def build_network(model_cfg, spatial_dims: int, in_channels: int, out_channels: 
     if model_cfg.name == "swinunetr":
         return cls(spatial_dims, in_channels, out_channels, feature_size=model_cfg.swin_feature_size,
                    use_v2=model_cfg.swin_v2)
+    if model_cfg.name == "genesis":  # fixed widths (the released layout); model.channels does not apply
+        return cls(spatial_dims, in_channels, out_channels, skip=model_cfg.skip)
+    if model_cfg.name == "resnet18_unet":
+        if spatial_dims != 2:
+            raise UserError("model.name resnet18_unet: 2-D only (set data.spatial_dims=2 or another model.name)")
+        return cls(spatial_dims, in_channels, out_channels)
     return cls(spatial_dims, in_channels, out_channels, channels=model_cfg.channels, skip=model_cfg.skip,
                norm=model_cfg.norm, dropout=model_cfg.dropout)
 

@@ -26,7 +26,8 @@ def learning_curve(log: list[dict], path: Path, title: str = "training loss") ->
     ax1.plot(steps, [e["loss"] for e in log], color="tab:blue", label="loss")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
-    ax1.set_yscale("log")
+    if all(e["loss"] > 0 for e in log):  # negative-cosine losses (BYOL, PCRLv2) go below zero: keep them linear
+        ax1.set_yscale("log")
     ax2 = ax1.twinx()
     ax2.plot(steps, [e["lr"] for e in log], color="tab:gray", alpha=0.5, label="learning rate")
     ax2.set_ylabel("learning rate")

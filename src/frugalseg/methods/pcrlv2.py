@@ -47,14 +47,14 @@ class PCRLv2(nn.Module):
     def __init__(self, net: nn.Module, locals_per_sample: int = 6, min_iou: float = 0.3) -> None:
         super().__init__()
         channels = getattr(net, "channels", None)
-        if not channels:
-            raise ValueError("pcrlv2 needs the U-Net (model.name=unet, preferably model.skip=false)")
+        if not channels or type(net).__name__ not in ("UNet", "GenesisUNet"):
+            raise ValueError("pcrlv2 needs a U-Net (model.name=unet or genesis, preferably model.skip=false)")
         if locals_per_sample < 1 or not 0.0 <= min_iou < 1.0:
             raise ValueError("locals_per_sample must be >= 1 and min_iou in [0, 1)")
         self.net, self.options = net, {"locals_per_sample": locals_per_sample, "min_iou": min_iou}
         dims = net.spatial_dims
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        in_ch = net.encoder[0][0].in_channels
+        in_ch = next(m for m in net.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)).in_channels  # the image's
         scales = list(reversed(channels[:-1]))  # decoder widths, coarse to fine
         self.projectors = nn.ModuleList(nn.BatchNorm1d(c) for c in scales)
         self.predictors = nn.ModuleList(

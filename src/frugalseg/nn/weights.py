@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +16,14 @@ PREFIXES = ("module.", "_orig_mod.")
 
 
 def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely (``weights_only=True``) and return its flat tensor state dict."""
+    """Read a checkpoint safely (``weights_only=True``; besides tensors and containers only ``argparse.Namespace``
+    is rebuilt) and return its flat tensor state dict."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # argparse.Namespace holds plain attributes (PCRLv2's checkpoints pickle their options in one)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged or foreign file makes the unpickler raise nearly anything
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not a loadable PyTorch checkpoint ({reason})") from None
@@ -68,6 +71,10 @@ def load_pretrained(net: nn.Module, path: Path | str) -> LoadReport:
         from frugalseg.nn.importers import swin_key
 
         state = {swin_key(k, "monai-ssl"): v for k, v in state.items()}
+    if "encoder.layer1.0.conv1.weight" in own:  # a bare ResNet-18 encoder (PCRLv2 2-D, torchvision names)
+        from frugalseg.nn.importers import RESNET_KEY
+
+        state = {("encoder." + k if RESNET_KEY.match(k) else k): v for k, v in state.items()}
     report = LoadReport()
     matched = {}
     for key, value in state.items():
