@@ -180,3 +180,29 @@ def test_demo_writes_its_figures_and_table(tmp_path):
     assert f"{res['mean_dice']:.3f}" in output
     code, output = run("demo", "--out", out, "--steps", 3, "--quiet")
     assert code == 2 and "already exists" in output
+
+
+def test_learning_curve_is_log_scaled_only_for_positive_losses(tmp_path):
+    import warnings
+
+    from frugalseg.eval import plots
+
+    plt = plots.pyplot()
+    scales = []
+    original = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        scales.append(fig.axes[0].get_yscale())
+        return original(fig, *args, **kwargs)
+
+    log_pos = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 6)]
+    log_neg = [{"step": s, "loss": -0.2 * s, "lr": 1e-3} for s in range(1, 6)]  # negative cosine (BYOL, PCRLv2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plt.Figure.savefig = spy
+        try:
+            plots.learning_curve(log_pos, tmp_path / "pos.png")
+            plots.learning_curve(log_neg, tmp_path / "neg.png")
+        finally:
+            plt.Figure.savefig = original
+    assert scales == ["log", "linear"] and (tmp_path / "neg.png").stat().st_size > 0
