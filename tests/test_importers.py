@@ -279,3 +279,35 @@ def test_import_then_fine_tune_and_pretrain_on_the_genesis_layout(tmp_path, phan
     state = torch.load(tmp_path / "pre" / "model.pt", weights_only=True)
     net = state.get("network", state)
     assert "down_tr64.ops.0.conv1.weight" in net and net["up_tr256.ops.0.conv1.weight"].shape[1] == 512
+
+
+@pytest.mark.parametrize("name,dims", [("unet", 2), ("unet", 3), ("genesis", 3), ("resnet18_unet", 2),
+                                       ("swinunetr", 2)])
+def test_every_network_states_its_decoder_widths_and_classes(name, dims):
+    from frugalseg.config import ModelConfig
+    from frugalseg.registry import build_network
+
+    cfg = ModelConfig(name=name, channels=[8, 16, 32], swin_feature_size=12)
+    net = build_network(cfg, dims, 1, 3).eval()
+    size = (64 if name == "swinunetr" else 32,) * dims  # SwinUNETR's bottleneck InstanceNorm needs > 1 voxel
+    with torch.no_grad():
+        logits, dec = net.decode(net.encode(torch.randn(1, 1, *size)))
+    assert net.out_channels == 3 == logits.shape[1]
+    assert tuple(d.shape[1] for d in dec) == tuple(net.decoder_channels)
+    assert all(s % net.size_divisor == 0 for s in logits.shape[2:])
+
+
+def test_decoder_map_methods_refuse_patches_a_padding_network_would_pad():
+    from frugalseg.config import Config
+    from frugalseg.registry import build_network
+    from frugalseg.run import check_stage
+
+    cfg = Config()
+    cfg.model.name, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size = "resnet18_unet", 2, [48, 64], 4
+    net = build_network(cfg.model, 2, 1, 3)
+    with pytest.raises(UserError, match=r"data.patch_size \[48, 64\]: --method patchcl on model.name resnet18_unet "
+                                        r"needs multiples of 32"):
+        check_stage("patchcl", cfg, net)
+    check_stage("supervised", cfg, net)  # forward pads and crops back: any size trains
+    cfg.data.patch_size = [64, 64]
+    check_stage("patchcl", cfg, build_network(cfg.model, 2, 1, 3))

@@ -204,6 +204,10 @@ def check_stage(method: str, cfg: Config, net) -> Any:
 
     check_method_dims(method, cfg.data.spatial_dims)
     module = build_method(method, net, cfg.method)
+    div = getattr(net, "size_divisor", 1)  # decoder maps of a padding network are at the padded size
+    if getattr(module, "uses_decoder_maps", False) and any(int(p) % div for p in cfg.data.patch_size):
+        raise UserError(f"data.patch_size {list(cfg.data.patch_size)}: --method {method} on model.name "
+                        f"{cfg.model.name} needs multiples of {div}")
     if cfg.selfreg.weight > 0:
         from frugalseg.methods.selfreg import SelfRegularised
 

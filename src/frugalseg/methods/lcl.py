@@ -39,7 +39,7 @@ class LocalContrastive(nn.Module):
         if strategy not in LOCAL_STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(LOCAL_STRATEGIES)}, got {strategy!r}")
         channels = getattr(net, "channels", None)
-        if not channels:
+        if not channels or type(net).__name__ != "UNet":  # runs only some decoder blocks: the project's U-Net
             raise ValueError("lcl needs the U-Net (model.name=unet)")
         if not 1 <= decoder_blocks <= len(channels) - 1:
             raise ValueError(f"decoder_blocks must be in 1..{len(channels) - 1}, got {decoder_blocks}")

@@ -49,15 +49,16 @@ class PatchCL(nn.Module):
     kind = "train"
     partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
     unlabelled_sampling = {"views": 2, "shared_spatial": True, "weak_view2": True}
+    uses_decoder_maps = True  # decoder features at the patch's size (see frugalseg.nn's size_divisor)
 
     def __init__(self, net: nn.Module, ema: float = 0.99, consistency: float = 0.1, rampup: float = 0.4,
                  contrast: float = 0.5, warmup: float = 0.2, patch: int = 16, per_class: int = 16,
                  queue: int = 512, embedding: int = 64, temperature: float = 0.2, lam: float = 4.0,
                  zeta: float | None = None, feature_block: int = -2) -> None:
         super().__init__()
-        channels = getattr(net, "channels", None)
-        if not channels:
-            raise ValueError("patchcl needs the U-Net (model.name=unet)")
+        widths = getattr(net, "decoder_channels", None)
+        if not widths:
+            raise ValueError("patchcl needs a network with a decoder (model.name=unet, genesis, ...)")
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         self.net, self.ema, self.consistency, self.rampup = net, ema, consistency, rampup
@@ -65,12 +66,12 @@ class PatchCL(nn.Module):
         self.temperature, self.lam = temperature, lam
         self.zeta = float(zeta if zeta is not None else queue)
         self.feature_block = feature_block
-        width = int(list(reversed(channels[:-1]))[feature_block])
+        width = int(widths[feature_block])
         self.head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, embedding))
         self.teacher = frozen_copy(net)
         self.teacher_head = frozen_copy(self.head)
         self.loss_fn = dice_ce_loss()
-        k = net.head.out_channels
+        k = net.out_channels
         self.register_buffer("queues", torch.zeros(k, queue, embedding))
         self.register_buffer("queue_count", torch.zeros(k, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(k, dtype=torch.long))

@@ -27,7 +27,7 @@ class SelfRegularised(nn.Module):
                  ) -> None:
         super().__init__()
         net = method.net
-        if not (hasattr(net, "encoder") and hasattr(net, "decoder")) or len(net.decoder) < 1:
+        if type(net).__name__ != "UNet" or len(net.decoder) < 1:  # hooks the U-Net's encoder and decoder blocks
             raise ValueError("selfreg needs the U-Net (model.name=unet)")
         self.inner, self.weight, self.scr_weight, self.ifd_weight = method, weight, scr_weight, ifd_weight
         self._enc: list[torch.Tensor] = []

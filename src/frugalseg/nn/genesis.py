@@ -66,6 +66,7 @@ class GenesisUNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims, self.skip = spatial_dims, skip
         self.channels = tuple(w[1] for w in WIDTHS)
+        self.decoder_channels, self.out_channels, self.size_divisor = (256, 128, 64), out_channels, 1
         d = spatial_dims
         self.down_tr64 = _Level(d, in_channels, *WIDTHS[0])
         self.down_tr128 = _Level(d, 64, *WIDTHS[1])

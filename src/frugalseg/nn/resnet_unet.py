@@ -86,6 +86,7 @@ class ResNet18UNet(nn.Module):
             raise ValueError("the ResNet-18 U-Net is 2-D only")
         self.spatial_dims = 2
         self.channels = (64, 64, 128, 256, 512)
+        self.decoder_channels, self.out_channels, self.size_divisor = DECODER, out_channels, DIVISOR
         self.encoder = ResNet18Encoder(in_channels)
         skips = (256, 128, 64, 64, 0)
         ins = (512, *DECODER[:-1])

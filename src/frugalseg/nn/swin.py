@@ -24,6 +24,8 @@ class SwinUNETRNet(SwinUNETR):
         super().__init__(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                          spatial_dims=spatial_dims, use_v2=use_v2)
         self.spatial_dims, self.feature_size = spatial_dims, feature_size
+        self.out_channels, self.size_divisor = out_channels, DIVISOR
+        self.decoder_channels = (8 * feature_size, 4 * feature_size, 2 * feature_size, feature_size, feature_size)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[enc0 (1), enc1 (1/2), enc2 (1/4), enc3 (1/8), hidden3 (1/16), bottleneck (1/32)]``."""

@@ -71,6 +71,8 @@ class UNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims, self.skip = spatial_dims, skip
         self.channels = tuple(channels)
+        self.out_channels, self.size_divisor = out_channels, 1
+        self.decoder_channels = tuple(reversed(self.channels[:-1]))
         chans = self.channels
         self.encoder = nn.ModuleList(
             ConvBlock(spatial_dims, in_channels if i == 0 else chans[i - 1], c, stride=1 if i == 0 else 2,
