@@ -46,3 +46,13 @@ def test_bad_yaml_file_is_one_line(tmp_path):
     f.write_text("a: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         build_config(2, f, [])
+
+
+def test_exponent_floats_are_numbers_on_the_command_line_and_in_files(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string: `--set optim.lr=1e-3` used to be refused
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  weight_decay: 5E-5\nmethod:\n  ema: 9.9e-1\n")
+    cfg = build_config(2, f, ["optim.lr=1e-3", "method.temperature=-2e+1"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 5e-5
+    assert cfg.method["ema"] == 0.99 and cfg.method["temperature"] == -20.0  # untyped method options too
+    assert parse_set(["a=1", "b=1e", "c=e5", "d=1_000"]) == [{"a": 1}, {"b": "1e"}, {"c": "e5"}, {"d": 1000}]

@@ -6,6 +6,7 @@ Unknown keys and wrongly typed values are rejected with a :class:`~frugalseg.err
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,19 @@ from typing import Any
 import yaml
 
 from frugalseg.errors import UserError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as the string '1e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclass
@@ -213,7 +227,7 @@ def parse_set(items: list[str]) -> list[dict[str, Any]]:
         if not key:
             raise UserError(f"--set {item!r}: empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         parsed.append(_nest(key, value))
@@ -227,7 +241,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise UserError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
