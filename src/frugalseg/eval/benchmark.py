@@ -206,8 +206,18 @@ def plot_overlays(out: Path, recipes, labeled: list[int], seeds: list[int], eval
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sd (n - 1); the sd of a single value is undefined (nan), not 0."""
     arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
+
+
+def _cell(values: list[float], signed: bool = False) -> str:
+    """``mean ± sd``, or ``mean (1 seed)`` when there is nothing to spread."""
+    if not values:
+        return "—"
+    m, sd = _stats(values)
+    mean = f"{m:+.3f}" if signed else f"{m:.3f}"
+    return f"{mean} ± {sd:.3f}" if len(values) > 1 else f"{mean} (1 seed)"
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, data_format: str, class_names: list[str]) -> None:
@@ -234,8 +244,7 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
     for rec in recipes:
         cells = []
         for n in ns:
-            m, sd = _stats([x["mean_dice"] for x in by.get((rec, n), [])]) if (rec, n) in by else (float("nan"), 0)
-            cells.append(f"{m:.3f} ± {sd:.3f}" if (rec, n) in by else "—")
+            cells.append(_cell([x["mean_dice"] for x in by.get((rec, n), [])]))
         lines.append(f"| {rec} | " + " | ".join(cells) + " |")
     if "random" in recipes and len(recipes) > 1:
         lines += ["", "Difference to `random` (paired by seed), mean ± sd:", "",
@@ -247,7 +256,7 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
             for n in ns:
                 base = {x["seed"]: x["mean_dice"] for x in by.get(("random", n), [])}
                 diffs = [x["mean_dice"] - base[x["seed"]] for x in by.get((rec, n), []) if x["seed"] in base]
-                cells.append(f"{_stats(diffs)[0]:+.3f} ± {_stats(diffs)[1]:.3f}" if diffs else "—")
+                cells.append(_cell(diffs, signed=True))
             lines.append(f"| {rec} | " + " | ".join(cells) + " |")
     fg = class_names[1:]
     lines += ["", "Per-class Dice (mean over seeds):", "",
@@ -283,7 +292,8 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
     for rec in dict.fromkeys(r["recipe"] for r in rows):
         ns = sorted({r["labeled"] for r in rows if r["recipe"] == rec})
         stats = [_stats([r["mean_dice"] for r in rows if r["recipe"] == rec and r["labeled"] == n]) for n in ns]
-        ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=rec)
+        ax.errorbar(ns, [m for m, _ in stats], yerr=[0.0 if np.isnan(s) else s for _, s in stats], marker="o",
+                    capsize=3, label=rec)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("labelled volumes")
     ax.set_ylabel("mean foreground Dice")
