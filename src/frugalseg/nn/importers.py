@@ -125,7 +125,7 @@ def swin_key(key: str, fmt: str) -> str:
 
 
 def _rename(raw: dict[str, torch.Tensor], path: Path, fmt: str):
-    """Released key -> network key, or ``None`` for a tensor dropped by the format's rule."""
+    """Released keys -> network keys; returns the renamed state, the renames, the dropped keys and the drop rule."""
     renamed: dict[str, str] = {}
     state: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
