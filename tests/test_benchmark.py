@@ -144,3 +144,23 @@ def test_report_delta_is_paired_by_seed():
     assert "0.600 ± 0.141" in text  # random: mean 0.6, sd (n-1) 0.1414
     diffs = np.array([0.1, 0.2])
     assert f"+{diffs.mean():.3f} ± {diffs.std(ddof=1):.3f}" in text
+
+
+def test_a_cell_of_a_changed_recipe_is_refused_not_reused(phantoms_2d, tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n")
+    monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labeled="1"))
+    assert result.exit_code == 0, result.output
+    cell = out / "runs" / "mine" / "n1_s0" / "cell.json"
+    assert "recipe_key" in json.loads(cell.read_text())
+    assert "recipe_key" not in (out / "results.csv").read_text().splitlines()[0]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n    set: {optim: {lr: 1.0e-4}}\n")
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labeled="1"))
+    assert result.exit_code == 2
+    assert (f"{cell.parent}: made by another definition of recipe mine (its stages or their settings changed "
+            f"since); use another --out") in result.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten

@@ -97,6 +97,13 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
             if before.get(key) != manifest[key]:
                 raise UserError(f"--out {out}: this benchmark was started with {option} {before.get(key)!r}, "
                                 f"not {manifest[key]!r} (use another --out)")
+    cells = [(r, n, s) for r in loaded for n in labeled for s in seeds]
+    keys = {r.name: stage_key([*r.pretrain, r.train], list(sets or [])) for r in loaded}
+    for recipe, n, s in cells:  # a finished cell made by another definition of its recipe is never reused silently
+        done = out / "runs" / recipe.name / f"n{n}_s{s}" / "cell.json"
+        if done.is_file() and json.loads(done.read_text()).get("recipe_key", keys[recipe.name]) != keys[recipe.name]:
+            raise UserError(f"{done.parent}: made by another definition of recipe {recipe.name} (its stages or "
+                            f"their settings changed since); use another --out")
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if main:
         try:
@@ -107,7 +114,6 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
                                                indent=1))
     dist.barrier()
 
-    cells = [(r, n, s) for r in loaded for n in labeled for s in seeds]
     stages = {chain_dir(out, r, s, sets, upto=i + 1) for r in loaded for s in seeds for i in range(len(r.pretrain))}
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells) + len(stages), desc="benchmark",
@@ -131,7 +137,7 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
             pre_seconds += _finished(stage_dir) or 0.0
         bar.set_postfix(job=f"{recipe.name} N={n} seed={s}")
         if done.is_file():
-            rows.append(json.loads(done.read_text()))
+            rows.append({k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"})
             bar.update(1)
             continue
         t0 = time.perf_counter()
@@ -141,7 +147,7 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
         if not main:  # evaluation is rank 0's; the others wait for its result (no collective: no time limit)
             while not done.is_file():
                 time.sleep(1.0)
-            rows.append(json.loads(done.read_text()))
+            rows.append({k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"})
             continue
         results, _ = evaluate_model(load_model(cell_dir), eval_source.root, split, show_progress=False)
         _write_text(cell_dir / f"eval_{split}.json", json.dumps(results, indent=1))
@@ -150,7 +156,7 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
                "mean_dice": results["mean_dice"], **{f"dice_{k}": v for k, v in results["per_class_dice"].items()},
                "mean_hd95": results["mean_hd95"], "train_seconds": _finished(cell_dir),
                "pretrain_seconds": pre_seconds, "wall_seconds": wall}
-        _write_text(done, json.dumps(row, indent=1))
+        _write_text(done, json.dumps({**row, "recipe_key": keys[recipe.name]}, indent=1))
         rows.append(row)
         bar.update(1)
     bar.close()
