@@ -101,3 +101,15 @@ def test_decode_can_stop_after_some_blocks():
     assert none is None and len(part) == 2 and logits.shape == (1, 3, 32, 32)
     for a, b in zip(part, full[:2]):
         torch.testing.assert_close(a, b)
+
+
+def test_a_foreign_file_gives_one_error_and_no_library_warning(tmp_path):
+    import warnings
+
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"\x80\x23" + bytes(range(200)))  # claims pickle protocol 35: torch warns before failing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="not a loadable PyTorch checkpoint"):
+            load_pretrained(UNet(2, 1, 2, (4, 8)), path)
+    assert caught == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
     try:  # argparse.Namespace holds plain attributes (PCRLv2's checkpoints pickle their options in one)
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a foreign file's unpickler warnings: the one-line error says enough
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged or foreign file makes the unpickler raise nearly anything
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
