@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalseg.nn.unet import match_size
+from frugalseg.nn.unet import crop_to, pad_to_multiple
 
 DIVISOR = 32
 DECODER = (256, 128, 64, 32, 16)
@@ -95,8 +95,7 @@ class ResNet18UNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[1/2 (64), 1/4 (64), 1/8 (128), 1/16 (256), 1/32 (512)]``; the input is padded to a multiple of 32."""
-        padded = [((s + DIVISOR - 1) // DIVISOR) * DIVISOR for s in x.shape[2:]]
-        return self.encoder(match_size(x, padded))
+        return self.encoder(pad_to_multiple(x, DIVISOR))
 
     def decode(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, out = features[-1], []
@@ -107,6 +106,4 @@ class ResNet18UNet(nn.Module):
         return self.head(x), out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
-        logits = self.decode(self.encode(x))[0]
-        return logits[(slice(None), slice(None), *(slice(0, s) for s in size))]
+        return crop_to(self.decode(self.encode(x))[0], x.shape[2:])

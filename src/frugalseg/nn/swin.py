@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import SwinUNETR
 
-from frugalseg.nn.unet import match_size
+from frugalseg.nn.unet import crop_to, pad_to_multiple
 
 DIVISOR = 32  # patch_size ** 5 with MONAI's default patch size 2
 
@@ -29,9 +29,7 @@ class SwinUNETRNet(SwinUNETR):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[enc0 (1), enc1 (1/2), enc2 (1/4), enc3 (1/8), hidden3 (1/16), bottleneck (1/32)]``."""
-        size = x.shape[2:]
-        padded = [((s + DIVISOR - 1) // DIVISOR) * DIVISOR for s in size]
-        x = match_size(x, padded)
+        x = pad_to_multiple(x, DIVISOR)
         hidden = self.swinViT(x, self.normalize)
         return [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
                 hidden[3], self.encoder10(hidden[4])]
@@ -46,6 +44,4 @@ class SwinUNETRNet(SwinUNETR):
         return self.out(out), [dec3, dec2, dec1, dec0, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
-        logits = self.decode(self.encode(x))[0]
-        return logits[(slice(None), slice(None), *(slice(0, s) for s in size))]
+        return crop_to(self.decode(self.encode(x))[0], x.shape[2:])

@@ -46,6 +46,16 @@ def match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.pad(x, pads) if any(pads) else x
 
 
+def pad_to_multiple(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Zero-pad the spatial dims of ``x`` (at the far end) up to multiples of ``divisor``."""
+    return match_size(x, [-(-s // divisor) * divisor for s in x.shape[2:]])
+
+
+def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The first ``size`` voxels of each spatial dim (undoes :func:`pad_to_multiple`)."""
+    return x[(slice(None), slice(None), *(slice(0, s) for s in size))]
+
+
 class UNet(nn.Module):
     """U-Net for ``spatial_dims`` 2 or 3.
 
