@@ -90,10 +90,7 @@ class ImportReport:
         return " ".join(f"--set {s}" for s in sets)
 
     def model_config(self) -> dict:
-        net = self.network
-        if net["name"] == "swinunetr":
-            return {"name": "swinunetr", "swin_feature_size": net["feature_size"], "swin_v2": net["use_v2"]}
-        return {"name": net["name"]}
+        return _model_config(self.network)
 
     def to_dict(self) -> dict:
         return {"source": self.source, "format": self.format,
@@ -155,28 +152,20 @@ def _rename(raw: dict[str, torch.Tensor], path: Path, fmt: str):
     return state, renamed, dropped, rule
 
 
-def _target(state: dict[str, torch.Tensor], path: Path, fmt: str, out_channels: int):
-    """The network the weights belong to, built from the tensors' shapes, and its description."""
+def _describe(state: dict[str, torch.Tensor], path: Path, fmt: str) -> dict:
+    """The network the weights belong to (family, dimensionality, sizes, input channels), from the tensors' shapes."""
     if fmt == "pcrlv2":
         first = state.get("down_tr64.ops.0.conv1.weight")
         if first is not None:
             if first.dim() not in (4, 5):
                 raise UserError(f"{path}: 'down_tr64.ops.0.conv1.weight' has shape {tuple(first.shape)}, "
                                 f"not a conv kernel")
-            from frugalseg.nn.genesis import GenesisUNet
-
-            info = {"name": "genesis", "spatial_dims": first.dim() - 2, "in_channels": int(first.shape[1])}
-            return GenesisUNet(info["spatial_dims"], info["in_channels"], out_channels), info
+            return {"name": "genesis", "spatial_dims": first.dim() - 2, "in_channels": int(first.shape[1])}
         first = state.get("encoder.conv1.weight")
         if first is None or first.dim() != 4:
             raise UserError(f"{path}: neither 'down_tr64.*' (3-D) nor ResNet-18 'conv1.weight' (2-D) tensors: "
                             f"not PCRLv2 weights")
-        from frugalseg.nn.resnet_unet import ResNet18UNet
-
-        info = {"name": "resnet18_unet", "spatial_dims": 2, "in_channels": int(first.shape[1])}
-        return ResNet18UNet(2, info["in_channels"], out_channels), info
-    from frugalseg.nn.swin import SwinUNETRNet
-
+        return {"name": "resnet18_unet", "spatial_dims": 2, "in_channels": int(first.shape[1])}
     embed = state.get("swinViT.patch_embed.proj.weight")
     if embed is None:
         raise UserError(f"{path}: no 'patch_embed.proj.weight' tensor: not SwinUNETR / Swin ViT weights")
@@ -186,9 +175,14 @@ def _target(state: dict[str, torch.Tensor], path: Path, fmt: str, out_channels: 
             "in_channels": int(embed.shape[1]), "use_v2": any(k.startswith("swinViT.layers1c.") for k in state)}
     if info["feature_size"] % 12:
         raise UserError(f"{path}: feature size {info['feature_size']} is not a multiple of 12 (SwinUNETR's heads)")
-    net = SwinUNETRNet(info["spatial_dims"], info["in_channels"], out_channels, info["feature_size"],
-                       use_v2=info["use_v2"])
-    return net, info
+    return info
+
+
+def _model_config(info: dict) -> dict:
+    """The ``model`` config keys that build the network ``info`` describes."""
+    if info["name"] == "swinunetr":
+        return {"name": "swinunetr", "swin_feature_size": info["feature_size"], "swin_v2": info["use_v2"]}
+    return {"name": info["name"]}
 
 
 def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
@@ -214,8 +208,7 @@ def import_weights(path: Path | str, fmt: str, in_channels: int | None = None
         raise UserError(f"--in-channels: must be at least 1, got {in_channels}")
     path = Path(path)
     state, renamed, dropped, rule = _rename(read_state_dict(path), path, fmt)
-    out = state.get("out.conv.conv.weight")
-    net, info = _target(state, path, fmt, int(out.shape[0]) if out is not None else 2)
+    info = _describe(state, path, fmt)
     file_in_channels = info["in_channels"]
     adapted = []
     if in_channels is not None and in_channels != info["in_channels"]:
@@ -224,7 +217,12 @@ def import_weights(path: Path | str, fmt: str, in_channels: int | None = None
                 state[key] = adapt_input_channels(state[key], in_channels)
                 adapted.append(key)
         info["in_channels"] = in_channels
-        net, _ = _target(state, path, fmt, int(out.shape[0]) if out is not None else 2)
+    from frugalseg.config import ModelConfig
+    from frugalseg.registry import build_network
+
+    out = state.get("out.conv.conv.weight")
+    net = build_network(ModelConfig(**_model_config(info)), info["spatial_dims"], info["in_channels"],
+                        int(out.shape[0]) if out is not None else 2)
     family = {"swinunetr": "SwinUNETR", "genesis": "the genesis U-Net", "resnet18_unet": "the ResNet-18 U-Net"}
     own = net.state_dict()
     for key, value in state.items():
@@ -241,7 +239,7 @@ def import_weights(path: Path | str, fmt: str, in_channels: int | None = None
                         f"missing): not complete {fmt} weights")
     report = ImportReport(str(path), fmt, info, sorted(state), renamed, dropped, rule, adapted, file_in_channels,
                           tuple(net.encoder_prefixes))
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}, report
+    return {k: v.detach().contiguous() for k, v in state.items()}, report  # freshly read: no copy needed
 
 
 def write_imported(path: Path | str, fmt: str, out: Path | str, force: bool = False,
