@@ -311,3 +311,23 @@ def test_decoder_map_methods_refuse_patches_a_padding_network_would_pad():
     check_stage("supervised", cfg, net)  # forward pads and crops back: any size trains
     cfg.data.patch_size = [64, 64]
     check_stage("patchcl", cfg, build_network(cfg.model, 2, 1, 3))
+
+
+def test_methods_that_need_the_projects_unet_refuse_other_networks_in_one_line():
+    from frugalseg.config import Config
+    from frugalseg.registry import build_network
+    from frugalseg.run import check_stage
+
+    cfg = Config()
+    cfg.model.name, cfg.data.spatial_dims, cfg.data.patch_size = "resnet18_unet", 2, [64, 64]
+    net = build_network(cfg.model, 2, 1, 3)
+    with pytest.raises(UserError, match=r"lcl needs the U-Net \(model.name=unet\)"):
+        check_stage("lcl", cfg, net)
+    with pytest.raises(UserError, match=r"pcrlv2 needs a U-Net \(model.name=unet or genesis"):
+        check_stage("pcrlv2", cfg, net)
+    cfg.selfreg.weight = 0.015
+    with pytest.raises(UserError, match=r"config key 'selfreg.weight': selfreg needs the U-Net"):
+        check_stage("supervised", cfg, net)
+    cfg.model.name = "unet"
+    cfg.model.channels = [8, 16, 32]
+    check_stage("supervised", cfg, build_network(cfg.model, 2, 1, 3))  # the U-Net itself is accepted

@@ -10,6 +10,7 @@ from frugalseg.losses.contrastive import global_contrastive_loss
 from frugalseg.losses.local_contrastive import LOCAL_STRATEGIES, extract_regions, local_pair_masks, region_corners
 from frugalseg.methods.base import StepOutput
 from frugalseg.methods.gcl import slice_partition
+from frugalseg.nn.unet import UNet
 
 
 class LocalContrastive(nn.Module):
@@ -39,7 +40,7 @@ class LocalContrastive(nn.Module):
         if strategy not in LOCAL_STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(LOCAL_STRATEGIES)}, got {strategy!r}")
         channels = getattr(net, "channels", None)
-        if not channels or type(net).__name__ != "UNet":  # runs only some decoder blocks: the project's U-Net
+        if not channels or not isinstance(net, UNet):  # runs only some decoder blocks: the project's U-Net
             raise ValueError("lcl needs the U-Net (model.name=unet)")
         if not 1 <= decoder_blocks <= len(channels) - 1:
             raise ValueError(f"decoder_blocks must be in 1..{len(channels) - 1}, got {decoder_blocks}")

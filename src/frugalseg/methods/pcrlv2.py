@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugalseg.methods.base import StepOutput
+from frugalseg.nn.genesis import GenesisUNet
 from frugalseg.nn.heads import global_pool
+from frugalseg.nn.unet import UNet
 
 
 def siamese_cosine(pre_a: torch.Tensor, pro_a: torch.Tensor, pre_b: torch.Tensor, pro_b: torch.Tensor
@@ -47,7 +49,7 @@ class PCRLv2(nn.Module):
     def __init__(self, net: nn.Module, locals_per_sample: int = 6, min_iou: float = 0.3) -> None:
         super().__init__()
         channels = getattr(net, "channels", None)
-        if not channels or type(net).__name__ not in ("UNet", "GenesisUNet"):
+        if not channels or not isinstance(net, UNet | GenesisUNet):
             raise ValueError("pcrlv2 needs a U-Net (model.name=unet or genesis, preferably model.skip=false)")
         if locals_per_sample < 1 or not 0.0 <= min_iou < 1.0:
             raise ValueError("locals_per_sample must be >= 1 and min_iou in [0, 1)")

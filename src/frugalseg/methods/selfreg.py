@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from frugalseg.losses.selfreg import internal_distillation, semantic_consistency
 from frugalseg.methods.base import StepOutput
+from frugalseg.nn.unet import UNet
 
 
 class SelfRegularised(nn.Module):
@@ -27,7 +28,7 @@ class SelfRegularised(nn.Module):
                  ) -> None:
         super().__init__()
         net = method.net
-        if type(net).__name__ != "UNet" or len(net.decoder) < 1:  # hooks the U-Net's encoder and decoder blocks
+        if not isinstance(net, UNet) or len(net.decoder) < 1:  # hooks the U-Net's encoder and decoder blocks
             raise ValueError("selfreg needs the U-Net (model.name=unet)")
         self.inner, self.weight, self.scr_weight, self.ifd_weight = method, weight, scr_weight, ifd_weight
         self._enc: list[torch.Tensor] = []
