@@ -137,7 +137,7 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
             pre_seconds += _finished(stage_dir) or 0.0
         bar.set_postfix(job=f"{recipe.name} N={n} seed={s}")
         if done.is_file():
-            rows.append({k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"})
+            rows.append(_cell_row(done))
             bar.update(1)
             continue
         t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
         if not main:  # evaluation is rank 0's; the others wait for its result (no collective: no time limit)
             while not done.is_file():
                 time.sleep(1.0)
-            rows.append({k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"})
+            rows.append(_cell_row(done))
             continue
         results, _ = evaluate_model(load_model(cell_dir), eval_source.root, split, show_progress=False)
         _write_text(cell_dir / f"eval_{split}.json", json.dumps(results, indent=1))
@@ -165,6 +165,11 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     write_outputs(rows, out, eval_source.format, eval_source.class_names)
     plot_overlays(out, loaded, labeled, seeds, eval_source, split)
     return rows
+
+
+def _cell_row(done: Path) -> dict[str, Any]:
+    """A finished cell's results row (its recipe's definition hash stays in the cell, not in the table)."""
+    return {k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"}
 
 
 def chain_dir(out: Path, recipe, seed: int, sets: list[str] | None, upto: int | None = None) -> Path:
