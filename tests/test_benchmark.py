@@ -164,3 +164,38 @@ def test_a_cell_of_a_changed_recipe_is_refused_not_reused(phantoms_2d, tmp_path,
     assert (f"{cell.parent}: made by another definition of recipe mine (its stages or their settings changed "
             f"since); use another --out") in result.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
+
+
+def test_a_started_cell_resumes_only_under_the_definition_that_started_it(phantoms_2d, tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n")
+    (recipes / "pre.yaml").write_text("stages:\n  - method: byol\n  - method: supervised\n")
+    monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine,pre", labeled="1"))
+    assert result.exit_code == 0, result.output
+    for name in ("mine", "pre"):  # trained, then stopped before the evaluation was written
+        (out / "runs" / name / "n1_s0" / "cell.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n    set: {optim: {lr: 1.0e-4}}\n")
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labeled="1"))
+    assert result.exit_code == 2
+    assert f"{out / 'runs' / 'mine' / 'n1_s0'}: made by another definition of recipe mine" in result.output
+    (recipes / "pre.yaml").write_text(  # another pre-training: the trained cell started from other weights
+        "stages:\n  - method: byol\n    set: {optim: {lr: 1.0e-4}}\n  - method: supervised\n")
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pre", labeled="1"))
+    assert result.exit_code == 2
+    assert f"{out / 'runs' / 'pre' / 'n1_s0'}: made by another definition of recipe pre" in result.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+
+    # under the definition that started them, the trained cells are evaluated, not trained again
+    (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n")
+    (recipes / "pre.yaml").write_text("stages:\n  - method: byol\n  - method: supervised\n")
+    calls = []
+    monkeypatch.setattr("frugalseg.run.train", lambda *a, **k: calls.append(a))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out.parent / "." / out.name, recipes="mine,pre",
+                                           labeled="1"))
+    assert result.exit_code == 0, result.output
+    assert calls == [] and (out / "runs" / "pre" / "n1_s0" / "cell.json").is_file()

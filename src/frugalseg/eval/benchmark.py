@@ -78,10 +78,12 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     for n in labeled:
         if n < 1 or n > pool:
             raise UserError(f"--labeled {n}: must be between 1 and the {pool} labelled training volume(s)")
+    train_cfgs = {}
     for recipe in loaded:  # every stage's config under --set, and its method built once, before any work
         for st in [*recipe.pretrain, recipe.train]:
             cfg = build_config(source.default_spatial_dims, None, sets or [], [st.overrides], source.format,
                                st.method)
+            train_cfgs[recipe.name] = cfg  # the last one built: the recipe's training stage
             net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
             try:
                 check_stage(st.method, cfg, net)
@@ -101,7 +103,12 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     keys = {r.name: stage_key([*r.pretrain, r.train], list(sets or [])) for r in loaded}
     for recipe, n, s in cells:  # a finished cell made by another definition of its recipe is never reused silently
         done = out / "runs" / recipe.name / f"n{n}_s{s}" / "cell.json"
-        if done.is_file() and json.loads(done.read_text()).get("recipe_key", keys[recipe.name]) != keys[recipe.name]:
+        if done.is_file():
+            changed = json.loads(done.read_text()).get("recipe_key", keys[recipe.name]) != keys[recipe.name]
+        else:  # a partly trained cell resumes only under the definition that started it
+            changed = _started_otherwise(done.parent, train_cfgs[recipe.name],
+                                         chain_dir(out, recipe, s, sets) / "model.pt" if recipe.pretrain else None)
+        if changed:
             raise UserError(f"{done.parent}: made by another definition of recipe {recipe.name} (its stages or "
                             f"their settings changed since); use another --out")
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
@@ -170,6 +177,27 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
 def _cell_row(done: Path) -> dict[str, Any]:
     """A finished cell's results row (its recipe's definition hash stays in the cell, not in the table)."""
     return {k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"}
+
+
+def _started_otherwise(cell_dir: Path, cfg, init: Path | None) -> bool:
+    """Whether a run that would be resumed (or reused) in ``cell_dir`` has another configuration or initialisation
+    than ``cfg`` and ``init`` (``init`` compared by its place in the benchmark folder, which may have been named
+    differently then)."""
+    from frugalseg.config import config_from_dict, read_yaml
+
+    if not has_checkpoint(cell_dir) and _finished(cell_dir) is None:
+        return False  # nothing to resume: the cell is started afresh under the current definition
+    try:
+        meta = json.loads((cell_dir / "run.json").read_text())
+        started = config_from_dict(read_yaml(cell_dir / "config.yaml"), str(cell_dir / "config.yaml"))
+    except (OSError, ValueError, UserError):
+        return False  # nothing started there (or nothing readable): the cell is rebuilt from scratch
+    recorded = meta.get("init")
+    if (recorded is None) != (init is None):
+        return True
+    if init is not None and Path(recorded).parts[-4:] != init.parts[-4:]:
+        return True
+    return started != cfg
 
 
 def chain_dir(out: Path, recipe, seed: int, sets: list[str] | None, upto: int | None = None) -> Path:
