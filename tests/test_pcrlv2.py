@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from frugalseg.data.pcrl_crops import SubCropSampler, box_iou, crop_resize, sub_crop_boxes
+from frugalseg.data.pcrl_crops import SubCropSampler, box_iou, crop_resize, sub_crop_boxes, swap_patches
 from frugalseg.data.volume import Volume
 from frugalseg.methods.pcrlv2 import PCRLv2, restoration_weight, siamese_cosine
 from frugalseg.nn.unet import UNet
@@ -39,6 +39,23 @@ def test_crop_resize_at_the_same_size_is_the_box():
     image = np.arange(2 * 10 * 12, dtype=np.float32).reshape(2, 10, 12)
     box = np.array([[3, 7], [2, 11]])
     torch.testing.assert_close(crop_resize(image, box, (4, 9)), torch.from_numpy(image[:, 3:7, 2:11]))
+
+
+def test_patch_swaps_exchange_patches_and_overlaps_follow_the_stated_rule():
+    x = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)  # x[c, i, j] = 64 c + 8 i + j
+    y = swap_patches(x, np.array([[[0, 0], [4, 4]]]), (2, 3))  # disjoint: a permutation of the two patches
+    np.testing.assert_array_equal(y[:, 0:2, 0:3], x[:, 4:6, 4:7])
+    np.testing.assert_array_equal(y[:, 4:6, 4:7], x[:, 0:2, 0:3])
+    np.testing.assert_array_equal(np.sort(y.ravel()), np.sort(x.ravel()))
+    assert x[0, 0, 0] == 0  # the input is not modified
+    # overlapping 4x4 patches at (0, 0) and (2, 2): both read first, the second write (first patch's content) wins
+    y = swap_patches(x, np.array([[[0, 0], [2, 2]]]), (4, 4))
+    assert y[0, 2, 2] == x[0, 0, 0] == 0  # in both patches: the first patch's content
+    assert y[0, 5, 5] == x[0, 3, 3] == 27  # in the second only: the first patch's content
+    assert y[0, 0, 0] == x[0, 2, 2] == 18 and y[1, 1, 1] == x[1, 3, 3]  # in the first only: the second's content
+    assert y[0, 0, 7] == x[0, 0, 7]  # outside both: untouched
+    # pairs apply in order: swapping the same pair twice restores the image
+    np.testing.assert_array_equal(swap_patches(x, np.array([[[1, 2], [5, 3]], [[1, 2], [5, 3]]]), (3, 3)), x)
 
 
 def test_sampler_views_targets_and_determinism():

@@ -82,25 +82,32 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[0]
 
 
+def swap_patches(x: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """``x`` ``(C, *spatial)`` with the patches of ``size`` at ``starts[i, 0]`` and ``starts[i, 1]`` exchanged, one
+    pair after the other (``starts`` ``(n, 2, D)``). Both patches of a pair are read before either is written, so
+    where they overlap the second write wins: the first patch's content, now at the second place."""
+    x = x.copy()
+    for a, b in starts:
+        ia = (slice(None), *(slice(int(u), int(u) + q) for u, q in zip(a, size)))
+        ib = (slice(None), *(slice(int(u), int(u) + q) for u, q in zip(b, size)))
+        pa, pb = x[ia].copy(), x[ib].copy()
+        x[ia] = pb
+        x[ib] = pa
+    return x
+
+
 def corrupt(view: torch.Tensor, rng: np.random.Generator, swap: bool) -> torch.Tensor:
     """The official corruption of a [0, 1] view: blur σ~U(0,2), noise σ~U(0,0.25), gamma log γ~U(−0.3,0.3),
-    (globals) 100 swaps of small patches; then z-normalisation."""
+    (globals) 100 swaps of patches of 1/8 the view's extent; then z-normalisation."""
     x = _blur(view, float(rng.uniform(0, 2)))
     x = x + torch.from_numpy(rng.normal(0, rng.uniform(0, 0.25), size=x.shape).astype(np.float32))
     gamma = float(np.exp(rng.uniform(-0.3, 0.3)))
     x = torch.sign(x) * x.abs().pow(gamma)
     if swap:
         spatial = x.shape[1:]
-        p = [max(1, s // 8) for s in spatial]
-        x = x.clone()
-        for _ in range(100):
-            a = [int(rng.integers(0, s - q + 1)) for s, q in zip(spatial, p)]
-            b = [int(rng.integers(0, s - q + 1)) for s, q in zip(spatial, p)]
-            ia = (slice(None), *(slice(u, u + q) for u, q in zip(a, p)))
-            ib = (slice(None), *(slice(u, u + q) for u, q in zip(b, p)))
-            tmp = x[ia].clone()
-            x[ia] = x[ib]
-            x[ib] = tmp
+        size = [max(1, s // 8) for s in spatial]
+        starts = rng.integers(0, [s - q + 1 for s, q in zip(spatial, size)], size=(100, 2, len(spatial)))
+        x = torch.from_numpy(swap_patches(x.numpy(), starts, size))
     return (x - x.mean()) / x.std().clamp_min(1e-6)
 
 
