@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 
 from frugalseg.errors import UserError
+from frugalseg.nn.resnet_unet import RESNET_KEY
 
 FORMATS = ("voco", "monai-ssl", "pcrlv2")
 SWIN_VIT_TOP = re.compile(r"^(patch_embed|layers\d+c?|norm)\.")  # top-level modules of MONAI's SwinTransformer
 SSL_HEADS = re.compile(r"^(rotation_head|contrastive_head|conv|projection_head|proj_head|head|pred|predictor|"
                        r"student_head|teacher_head)\.")  # self-supervision heads: never part of the network
-RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4])\.")  # a ResNet-18 encoder (torchvision / smp names)
 INPUT_CONVS = {  # convolutions that see the image, per target network
     "swinunetr": ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
                   "encoder1.layer.conv3.conv.weight"),

@@ -9,11 +9,15 @@ a 3x3 convolution gives the logits. Inputs of any size are padded to a multiple 
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from frugalseg.nn.unet import crop_to, pad_to_multiple
+
+RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4])\.")  # a ResNet-18 encoder key (torchvision / smp names)
 
 DIVISOR = 32
 DECODER = (256, 128, 64, 32, 16)
@@ -92,6 +96,11 @@ class ResNet18UNet(nn.Module):
         ins = (512, *DECODER[:-1])
         self.decoder = nn.ModuleList(_DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, DECODER))
         self.head = nn.Conv2d(DECODER[-1], out_channels, 3, padding=1)
+
+    @staticmethod
+    def released_key(key: str) -> str:
+        """This network's name for a key of a bare ResNet-18 checkpoint (torchvision names, e.g. PCRLv2 2-D)."""
+        return "encoder." + key if RESNET_KEY.match(key) else key
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[1/2 (64), 1/4 (64), 1/8 (128), 1/16 (256), 1/32 (512)]``; the input is padded to a multiple of 32."""

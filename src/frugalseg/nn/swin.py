@@ -27,6 +27,13 @@ class SwinUNETRNet(SwinUNETR):
         self.out_channels, self.size_divisor = out_channels, DIVISOR
         self.decoder_channels = (8 * feature_size, 4 * feature_size, 2 * feature_size, feature_size, feature_size)
 
+    @staticmethod
+    def released_key(key: str) -> str:
+        """This network's name for a key as released SwinUNETR / VoCo / MONAI SSL checkpoints spell it."""
+        from frugalseg.nn.importers import swin_key
+
+        return swin_key(key, "monai-ssl")
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[enc0 (1), enc1 (1/2), enc2 (1/4), enc3 (1/8), hidden3 (1/16), bottleneck (1/32)]``."""
         x = pad_to_multiple(x, DIVISOR)

@@ -69,14 +69,9 @@ def load_pretrained(net: nn.Module, path: Path | str) -> LoadReport:
     parameter is missing (a decoder or head may legitimately differ, e.g. after pre-training)."""
     state = read_state_dict(path)
     own = net.state_dict()
-    if any(k.startswith("swinViT.") for k in own):  # released SwinUNETR/VoCo/MONAI-SSL key spellings
-        from frugalseg.nn.importers import swin_key
-
-        state = {swin_key(k, "monai-ssl"): v for k, v in state.items()}
-    if "encoder.layer1.0.conv1.weight" in own:  # a bare ResNet-18 encoder (PCRLv2 2-D, torchvision names)
-        from frugalseg.nn.importers import RESNET_KEY
-
-        state = {("encoder." + k if RESNET_KEY.match(k) else k): v for k, v in state.items()}
+    rename = getattr(net, "released_key", None)
+    if rename is not None:  # a network that also reads the key spellings of released checkpoints
+        state = {rename(k): v for k, v in state.items()}
     report = LoadReport()
     matched = {}
     for key, value in state.items():
