@@ -161,8 +161,8 @@ def test_a_cell_of_a_changed_recipe_is_refused_not_reused(phantoms_2d, tmp_path,
     (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n    set: {optim: {lr: 1.0e-4}}\n")
     result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labeled="1"))
     assert result.exit_code == 2
-    assert (f"{cell.parent}: made by another definition of recipe mine (its stages or their settings changed "
-            f"since); use another --out") in result.output
+    assert (f"{cell.parent}: made by another definition of recipe mine (its stages, their settings or the "
+            f"defaults changed since); use another --out") in result.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
 
 
@@ -189,6 +189,15 @@ def test_a_started_cell_resumes_only_under_the_definition_that_started_it(phanto
     assert result.exit_code == 2
     assert f"{out / 'runs' / 'pre' / 'n1_s0'}: made by another definition of recipe pre" in result.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
+    (recipes / "pre.yaml").write_text("stages:\n  - method: byol\n  - method: supervised\n")
+    chain = next((out / "pretrain").glob("*/s0"))  # a pre-training made under other defaults (simulated)
+    saved = (chain / "config.yaml").read_text()
+    (chain / "config.yaml").write_text(saved.replace("weight_decay:", "weight_decay: 0.5 #", 1))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pre", labeled="1"))
+    assert result.exit_code == 2
+    assert f"{chain}: made by another definition of recipe pre (its stages, their settings or the defaults" \
+        in result.output
+    (chain / "config.yaml").write_text(saved)
 
     # under the definition that started them, the trained cells are evaluated, not trained again
     (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n")

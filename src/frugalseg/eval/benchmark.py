@@ -78,12 +78,12 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
     for n in labeled:
         if n < 1 or n > pool:
             raise UserError(f"--labeled {n}: must be between 1 and the {pool} labelled training volume(s)")
-    train_cfgs = {}
+    stage_cfgs: dict[str, list] = {}
     for recipe in loaded:  # every stage's config under --set, and its method built once, before any work
         for st in [*recipe.pretrain, recipe.train]:
             cfg = build_config(source.default_spatial_dims, None, sets or [], [st.overrides], source.format,
                                st.method)
-            train_cfgs[recipe.name] = cfg  # the last one built: the recipe's training stage
+            stage_cfgs.setdefault(recipe.name, []).append(cfg)
             net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
             try:
                 check_stage(st.method, cfg, net)
@@ -101,16 +101,18 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
                                 f"not {manifest[key]!r} (use another --out)")
     cells = [(r, n, s) for r in loaded for n in labeled for s in seeds]
     keys = {r.name: stage_key([*r.pretrain, r.train], list(sets or [])) for r in loaded}
-    for recipe, n, s in cells:  # a finished cell made by another definition of its recipe is never reused silently
-        done = out / "runs" / recipe.name / f"n{n}_s{s}" / "cell.json"
-        if done.is_file():
-            changed = json.loads(done.read_text()).get("recipe_key", keys[recipe.name]) != keys[recipe.name]
-        else:  # a partly trained cell resumes only under the definition that started it
-            changed = _started_otherwise(done.parent, train_cfgs[recipe.name],
-                                         chain_dir(out, recipe, s, sets) / "model.pt" if recipe.pretrain else None)
-        if changed:
-            raise UserError(f"{done.parent}: made by another definition of recipe {recipe.name} (its stages or "
-                            f"their settings changed since); use another --out")
+    for recipe, n, s in cells:  # a run made under another definition of its recipe is never reused silently
+        runs = [(chain_dir(out, recipe, s, sets, upto=i + 1), i) for i in range(len(recipe.pretrain))]
+        runs.append((out / "runs" / recipe.name / f"n{n}_s{s}", len(recipe.pretrain)))
+        for run_dir, i in runs:  # each stage's run: its configuration and the weights it started from
+            init = chain_dir(out, recipe, s, sets, upto=i) / "model.pt" if i else None
+            changed = _started_otherwise(run_dir, stage_cfgs[recipe.name][i], init)
+            done = run_dir / "cell.json"
+            if done.is_file():
+                changed |= json.loads(done.read_text()).get("recipe_key", keys[recipe.name]) != keys[recipe.name]
+            if changed:
+                raise UserError(f"{run_dir}: made by another definition of recipe {recipe.name} (its stages, their "
+                                f"settings or the defaults changed since); use another --out")
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if main:
         try:
@@ -180,9 +182,9 @@ def _cell_row(done: Path) -> dict[str, Any]:
 
 
 def _started_otherwise(cell_dir: Path, cfg, init: Path | None) -> bool:
-    """Whether a run that would be resumed (or reused) in ``cell_dir`` has another configuration or initialisation
-    than ``cfg`` and ``init`` (``init`` compared by its place in the benchmark folder, which may have been named
-    differently then)."""
+    """Whether a run that would be resumed or reused in ``cell_dir`` has another resolved configuration or initial
+    weights than ``cfg`` and ``init`` (``init`` compared by its place in the benchmark folder, which may have been
+    named differently then)."""
     from frugalseg.config import config_from_dict, read_yaml
 
     if not has_checkpoint(cell_dir) and _finished(cell_dir) is None:
