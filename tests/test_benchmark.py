@@ -208,3 +208,12 @@ def test_a_started_cell_resumes_only_under_the_definition_that_started_it(phanto
                                            labeled="1"))
     assert result.exit_code == 0, result.output
     assert calls == [] and (out / "runs" / "pre" / "n1_s0" / "cell.json").is_file()
+
+
+def test_pcrlv2_recipe_fine_tunes_from_the_encoder_only(phantoms_2d, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pcrlv2", labeled="1"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "runs" / "pcrlv2" / "n1_s0" / "init_report.json").read_text())
+    assert report["loaded"] and all(k.startswith("encoder.") for k in report["loaded"])
+    assert any(k.startswith("decoder.") for k in report["skipped"])  # the skip-less decoder is left out

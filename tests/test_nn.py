@@ -69,6 +69,30 @@ def test_load_pretrained_reports_and_refuses(tmp_path):
         load_pretrained(UNet(2, 1, 4, (4, 8, 16)), path)
 
 
+def test_encoder_only_init_leaves_a_skipless_decoder_out(tmp_path):
+    """PCRLv2 pre-trains a U-Net without skips: part of its decoder has the shapes of the skip U-Net's decoder."""
+    nsunet = UNet(3, 1, 2, (4, 8, 16), skip=False)
+    path = tmp_path / "ns.pt"
+    torch.save(nsunet.state_dict(), path)
+    shared = [k for k, v in UNet(3, 1, 2, (4, 8, 16)).state_dict().items()
+              if not k.startswith("encoder.") and k in nsunet.state_dict() and nsunet.state_dict()[k].shape == v.shape]
+    assert shared  # the trap: with every matching tensor, these decoder tensors load although the layout differs
+    torch.manual_seed(1)
+    fresh = UNet(3, 1, 2, (4, 8, 16))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    report = load_pretrained(fresh, path, parts="encoder")
+    after = fresh.state_dict()
+    for k in after:
+        if k.startswith("encoder."):
+            torch.testing.assert_close(after[k], nsunet.state_dict()[k])
+        else:  # decoder and head: the fresh network's own initialisation
+            torch.testing.assert_close(after[k], before[k])
+    assert set(report.skipped) == {k for k in nsunet.state_dict() if not k.startswith("encoder.")}
+    assert report.loaded == [k for k in nsunet.state_dict() if k.startswith("encoder.")]
+    assert f"skipped (not encoder) {len(report.skipped)}" in report.summary()
+    assert set(shared) <= set(load_pretrained(UNet(3, 1, 2, (4, 8, 16)), path).loaded)  # parts="all"
+
+
 def test_load_pretrained_never_unpickles_objects(tmp_path):
     import argparse
     import os

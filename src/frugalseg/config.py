@@ -71,6 +71,9 @@ class ModelConfig:
     dropout: float = 0.0
     swin_feature_size: int = 24
     swin_v2: bool = True
+    # which tensors of the --init weights are loaded: every one that matches by name and shape, or the encoder's
+    # only (a pre-trained decoder of another layout, e.g. PCRLv2's skip-less one, would otherwise load in part)
+    init_parts: str = "all"
 
 
 @dataclass
@@ -314,6 +317,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config.yaml") -> Confi
 _CHOICES = {
     "data.normalisation": ("zscore", "percentile", "minmax", "none", "ct:abdomen", "ct:head-neck", "ct:chest"),
     "model.norm": ("instance", "batch"),
+    "model.init_parts": ("all", "encoder"),
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "poly", "constant"),
 }
@@ -324,6 +328,7 @@ def validate(cfg: Config) -> None:
     values = {
         "data.normalisation": cfg.data.normalisation,
         "model.norm": cfg.model.norm,
+        "model.init_parts": cfg.model.init_parts,
         "optim.name": cfg.optim.name,
         "optim.schedule": cfg.optim.schedule,
     }

@@ -142,7 +142,7 @@ def train(
     if cfg.data.spatial_dims == 3 and any(v.image.ndim != 4 for v in volumes):
         raise UserError(f"--data {source.root}: 2-D images cannot train a 3-D model (set data.spatial_dims=2)")
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
-    load_report = load_pretrained(net, init) if init is not None else None
+    load_report = load_pretrained(net, init, cfg.model.init_parts) if init is not None else None
     module = check_stage(method, cfg, net)  # after --init: EMA targets start from the loaded weights
     module = dist.convert_batchnorm(module, device)  # batch statistics over every rank's shard under torchrun
     unlabelled = None

@@ -54,19 +54,22 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # matching tensors left out on purpose (encoder only)
 
     def summary(self) -> str:
-        return (f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+        text = (f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
                 f"shape-mismatched {len(self.mismatched)}")
+        return text + (f", skipped (not encoder) {len(self.skipped)}" if self.skipped else "")
 
     def to_dict(self) -> dict[str, list[str]]:
         return {"loaded": self.loaded, "missing": self.missing, "unexpected": self.unexpected,
-                "mismatched": self.mismatched}
+                "mismatched": self.mismatched, "skipped": self.skipped}
 
 
-def load_pretrained(net: nn.Module, path: Path | str) -> LoadReport:
-    """Copy every tensor whose name and shape match into ``net``; refuse when nothing matches or an encoder
-    parameter is missing (a decoder or head may legitimately differ, e.g. after pre-training)."""
+def load_pretrained(net: nn.Module, path: Path | str, parts: str = "all") -> LoadReport:
+    """Copy every tensor whose name and shape match into ``net`` (with ``parts="encoder"``, only those under the
+    network's ``encoder_prefixes``); refuse when nothing matches or an encoder parameter is missing (a decoder or
+    head may legitimately differ, e.g. after pre-training)."""
     state = read_state_dict(path)
     own = net.state_dict()
     rename = getattr(net, "released_key", None)
@@ -74,8 +77,13 @@ def load_pretrained(net: nn.Module, path: Path | str) -> LoadReport:
         state = {rename(k): v for k, v in state.items()}
     report = LoadReport()
     matched = {}
+    prefixes = getattr(net, "encoder_prefixes", ())
+    if parts == "encoder" and not prefixes:
+        raise ValueError(f"{type(net).__name__} does not state its encoder_prefixes")
     for key, value in state.items():
-        if key not in own:
+        if parts == "encoder" and not key.startswith(prefixes):
+            report.skipped.append(key)
+        elif key not in own:
             report.unexpected.append(key)
         elif tuple(own[key].shape) != tuple(value.shape):
             report.mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(own[key].shape)}")
@@ -85,7 +93,6 @@ def load_pretrained(net: nn.Module, path: Path | str) -> LoadReport:
     report.missing = [k for k in own if k not in matched]
     if not matched:
         raise UserError(f"--init {path}: no parameter matches the network by name and shape ({report.summary()})")
-    prefixes = getattr(net, "encoder_prefixes", ())
     enc_missing = [k for k in report.missing if k.startswith(prefixes)]
     if enc_missing:
         raise UserError(f"--init {path}: encoder parameter '{enc_missing[0]}' is missing or mismatched "
