@@ -1,3 +1,4 @@
+import json
 import math
 from unittest import mock
 
@@ -71,10 +72,16 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         fit(method, dying, opt, sched, cfg.train, tmp_path / "b", torch.device("cpu"), show_progress=False)
-    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 4
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ckpt["step"] == 4 and ckpt["seconds"] > 0
+    ckpt["seconds"] = 1000.0  # as if the first invocation had trained for 1000 s up to its checkpoint
+    save_atomic(ckpt, tmp_path / "b" / "checkpoint.pt")
     method, sampler, opt, sched, cfg = _setup()  # a fresh process: new objects, state from disk
-    fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "b", torch.device("cpu"), resume=True,
-        show_progress=False)
+    result = fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "b", torch.device("cpu"), resume=True,
+                 show_progress=False)
+    assert 1000.0 < result.seconds < 1000.0 + 600  # the training time counts every invocation
+    last = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 12 and 1000.0 < last["seconds"] <= result.seconds
     for key, value in method.state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +170,6 @@ def train(
     optimizer = build_optimizer(module.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
     what = "pre-training" if labeled is None else f"N={labeled}"
-    t0 = time.perf_counter()
     result = fit(module, sampler.batch, optimizer, scheduler, cfg.train, out, device, resume=resume,
                  show_progress=show_progress, description=f"{method} {what} seed={seed}", notify=report)
     summary = {"run_dir": str(out), "steps": result.steps, "seconds": 0.0, "final_loss": result.last_loss,
@@ -184,7 +182,7 @@ def train(
                   "method": method}
     save_atomic({"network": net_state, "meta": json.dumps(model_meta)}, out / MODEL_FILE)
     meta["status"] = "finished"
-    meta["train_seconds"] = meta.get("train_seconds", 0.0) + (time.perf_counter() - t0)
+    meta["train_seconds"] = result.seconds  # across resumes (each invocation up to its last checkpoint)
     meta["threads"] = threads
     _write_json(meta, out / RUN_MARKER)
     log = read_log(out)

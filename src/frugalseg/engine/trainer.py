@@ -121,7 +121,7 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
-    start = 0
+    start, before = 0, 0.0  # steps and training seconds of the earlier invocations (up to their last checkpoint)
     state = resume_state(run_dir, notify) if resume else None
     if state is not None:
         try:
@@ -132,6 +132,7 @@ def fit(
             raise UserError(f"{ckpt_path}: incompatible checkpoint ({str(exc).splitlines()[0][:160]})") from None
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
+        before = float(state.get("seconds", 0.0))
     main = dist.is_main()
     log = RunLog(run_dir, resume_step=start if resume else None) if main else _NoLog()
     engine: nn.Module = _Stepper(method)
@@ -183,7 +184,7 @@ def fit(
             if done % cfg.log_every == 0 or done == total:
                 elapsed = time.perf_counter() - t0
                 entry = dist.mean_across_ranks({k: v / n_window for k, v in window.items()})
-                entry.update(lr=scheduler.get_last_lr()[0], seconds=elapsed,
+                entry.update(lr=scheduler.get_last_lr()[0], seconds=before + elapsed,
                              data_fraction=data_time / max(elapsed, 1e-9))
                 log.write(done, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
@@ -193,10 +194,10 @@ def fit(
                     os.replace(ckpt_path, run_dir / PREVIOUS)
                 save_atomic({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                             "step": done}, ckpt_path)
+                             "step": done, "seconds": before + time.perf_counter() - t0}, ckpt_path)
     finally:
         bar.close()
         log.close()
     dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on
-    seconds = time.perf_counter() - t0
+    seconds = before + time.perf_counter() - t0  # the whole run's training time, across resumes
     return FitResult(steps=total - start, seconds=seconds, last_loss=last_loss if math.isfinite(last_loss) else 0.0)
