@@ -146,6 +146,18 @@ def test_report_delta_is_paired_by_seed():
     assert f"+{diffs.mean():.3f} ± {diffs.std(ddof=1):.3f}" in text
 
 
+def test_acdc_report_sets_the_papers_row_of_each_recipe_beside_ours():
+    rows = [{"recipe": r, "labeled": n, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
+             "train_seconds": 1.0, "pretrain_seconds": 0.0}
+            for r in ("random", "gcl-gd+lcl-lr", "byol") for n in (1, 4)]
+    text = bm.report_markdown(rows, "ssl4mis_h5", ["bg", "a"])
+    published = text[text.index("Published (ACDC"):]
+    assert "| random (published) | 0.614 | — |" in published
+    assert "| gcl-gd+lcl-lr (published) | 0.725 | — |" in published  # Chaitanya et al., Table 1, proposed row
+    assert "byol (published)" not in published and "nan" not in text
+    assert "Published" not in bm.report_markdown(rows, "decathlon", ["bg", "a"])
+
+
 def test_a_cell_of_a_changed_recipe_is_refused_not_reused(phantoms_2d, tmp_path, monkeypatch):
     recipes = tmp_path / "recipes"
     recipes.mkdir()
