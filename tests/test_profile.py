@@ -65,6 +65,30 @@ def test_profile_cli_table_and_json(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "--methods: unknown method 'nope'" in bad.output
 
 
+def test_profile_cli_passes_set_to_every_config_and_rejects_a_bad_one(tmp_path, monkeypatch):
+    fake_peak = {"conv2d_fp32_flops": 2e11, "conv2d_bf16_flops": 1e11, "conv3d_fp32_flops": 2e11,
+                 "conv3d_bf16_flops": 1e11, "peak_flops": 2e11, "native_bf16": True}
+    seen = []
+
+    def fake_run(dims, method, steps, warmup, sets, threads):
+        seen.append((dims, list(sets)))
+        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "bf16": True,
+                "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0, "data_fraction": 0.05,
+                "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(prof, "_in_fresh_process", lambda fn, *a: fake_peak if fn is prof._peak_job else fake_run(*a))
+    out = tmp_path / "p.json"
+    ok = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--set", "train.bf16=true", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert seen == [(2, ["train.bf16=true"]), (3, ["train.bf16=true"])]
+    assert json.loads(out.read_text())["set"] == ["train.bf16=true"]
+    assert "--set train.bf16=true" in ok.output
+    seen.clear()
+    bad = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--set", "train.nosuch=1"])
+    assert bad.exit_code == 2 and "train.nosuch" in bad.output and "Traceback" not in bad.output
+    assert seen == []  # rejected before anything was profiled
+
+
 def test_profile_config_runs_a_real_step():
     row = prof.profile_config(2, "supervised", steps=1, warmup=0,
                               sets=["data.batch_size=2", "model.channels=[4,8]", "data.patch_size=[32,32]"])

@@ -300,11 +300,16 @@ def profile(
     steps: int = typer.Option(8, "--steps", help="Timed steps per config (after 2 warm-up steps)."),
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    set_: list[str] | None = SetOpt,
 ) -> None:
-    """Step time, samples/s, data wait, peak RSS and FLOP/s vs this machine's peak, per method, 2-D and 3-D."""
+    """Step time, samples/s, data wait, peak RSS and FLOP/s vs this machine's peak, per method, 2-D and 3-D.
+
+    --set applies to every profiled config, e.g. --set train.bf16=true to time bf16 autocast.
+    """
     import json
 
     from frugalseg.atomic import write_atomic
+    from frugalseg.config import build_config
     from frugalseg.eval.profile import format_table, profile_all
     from frugalseg.registry import METHODS
 
@@ -312,9 +317,11 @@ def profile(
     for m in chosen:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
+        for dims in (2, 3):
+            build_config(dims, None, set_ or [], method=m)  # a bad --set fails here, before any profiling
     if out is not None and out.exists() and not force:
         raise UserError(f"--out {out}: exists (add --force to overwrite)")
-    result = profile_all(steps, chosen, progress=_say)
+    result = profile_all(steps, chosen, progress=_say, sets=set_ or [])
     typer.echo(format_table(result))
     if out is not None:
         try:

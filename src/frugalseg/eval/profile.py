@@ -151,8 +151,11 @@ def _peak_job(threads: int) -> dict:
 
 
 def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[int, ...] = (2, 3),
-                progress=None) -> dict:
-    """Profile every registered method (or ``methods``) in the default 2-D and 3-D configs, plus the peak."""
+                progress=None, sets: list[str] | None = None) -> dict:
+    """Profile every registered method (or ``methods``) in the default 2-D and 3-D configs, plus the peak.
+
+    ``sets`` are ``--set`` overrides applied to every config (e.g. ``train.bf16=true``).
+    """
     from frugalseg.engine.repro import set_threads
     from frugalseg.registry import METHODS, resolve
 
@@ -165,10 +168,10 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
                 continue
             if progress is not None:
                 progress(f"profiling {method} {d}-D")
-            row = _in_fresh_process(profile_config, d, method, steps, 2, None, threads)
+            row = _in_fresh_process(profile_config, d, method, steps, 2, sets, threads)
             row["fraction_of_peak"] = row["achieved_flops"] / peak["peak_flops"]
             runs.append(row)
-    return {"threads": threads, "torch": torch.__version__, "peak": peak, "runs": runs}
+    return {"threads": threads, "torch": torch.__version__, "set": list(sets or []), "peak": peak, "runs": runs}
 
 
 def format_table(result: dict) -> str:
@@ -182,6 +185,8 @@ def format_table(result: dict) -> str:
             f"{r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.1f} {100 * r['data_fraction']:>6.1f} "
             f"{r['achieved_flops'] / 1e9:>8.0f} {100 * r['fraction_of_peak']:>6.0f} {r['peak_rss_mb']:>7.0f}")
     p = result["peak"]
+    if result.get("set"):
+        lines.append("--set " + " ".join(result["set"]))
     lines.append("")
     lines.append(
         f"peak (3x3 conv, channels-last, {result['threads']} threads): "
