@@ -156,6 +156,18 @@ def test_acdc_report_sets_the_papers_row_of_each_recipe_beside_ours():
     assert "| gcl-gd+lcl-lr (published) | 0.725 | — |" in published  # Chaitanya et al., Table 1, proposed row
     assert "byol (published)" not in published and "nan" not in text
     assert "Published" not in bm.report_markdown(rows, "decathlon", ["bg", "a"])
+    assert "best combination" not in published  # no pre-training + semi-supervised recipe here
+
+
+def test_acdc_report_sets_the_papers_best_combination_beside_a_pretrained_semi_supervised_recipe():
+    assert bm.is_combination("gcl-gd+lcl-lr+patchcl") and bm.is_combination("byol+mean-teacher")
+    assert not any(bm.is_combination(r) for r in ("patchcl", "patchcl+selfreg", "mean-teacher", "gcl-gd+lcl-lr",
+                                                  "supervised+selfreg", "random"))
+    rows = [{"recipe": r, "labeled": n, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
+             "train_seconds": 1.0, "pretrain_seconds": 0.0}
+            for r in ("random", "patchcl+selfreg", "gcl-gd+lcl-lr+patchcl") for n in (2, 8, 16)]
+    published = bm.report_markdown(rows, "ssl4mis_h5", ["bg", "a"]).split("Published (ACDC")[1]
+    assert "| paper's best combination, proposed init + Mixup (published) | 0.826 | 0.886 | — |" in published
 
 
 def test_a_cell_of_a_changed_recipe_is_refused_not_reused(phantoms_2d, tmp_path, monkeypatch):
