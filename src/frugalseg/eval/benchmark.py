@@ -38,7 +38,7 @@ PUBLISHED_ACDC = {
     "gcl-gr+lcl-ld": {1: 0.638, 2: 0.740, 8: 0.855},
     "gcl-gd+lcl-lr": {1: 0.725, 2: 0.789, 8: 0.872},
 }
-# the target for a pre-training + semi-supervised recipe: the paper's best combination row
+# what a pre-training + semi-supervised recipe is compared with: the paper's best combination row
 PUBLISHED_ACDC_COMBINATION = ("paper's best combination, proposed init + Mixup", {1: 0.757, 2: 0.826, 8: 0.886})
 SEMI_SUPERVISED_PARTS = ("mean-teacher", "patchcl")
 
