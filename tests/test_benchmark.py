@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from frugalseg.cli import app
 from frugalseg.eval import benchmark as bm
+from frugalseg.recipes import load_recipe
 
 TINY = ["train.steps=4", "train.log_every=2", "train.checkpoint_every=2", "data.batch_size=2",
         "model.channels=[4,8,16]", "data.patch_size=[32,32]", "data.spatial_dims=2"]
@@ -159,10 +160,21 @@ def test_acdc_report_sets_the_papers_row_of_each_recipe_beside_ours():
     assert "best combination" not in published  # no pre-training + semi-supervised recipe here
 
 
-def test_acdc_report_sets_the_papers_best_combination_beside_a_pretrained_semi_supervised_recipe():
-    assert bm.is_combination("gcl-gd+lcl-lr+patchcl") and bm.is_combination("byol+mean-teacher")
+def test_acdc_report_sets_the_papers_best_combination_beside_a_pretrained_semi_supervised_recipe(tmp_path,
+                                                                                                  monkeypatch):
+    assert bm.is_combination("gcl-gd+lcl-lr+patchcl")
     assert not any(bm.is_combination(r) for r in ("patchcl", "patchcl+selfreg", "mean-teacher", "gcl-gd+lcl-lr",
-                                                  "supervised+selfreg", "random"))
+                                                  "supervised+selfreg", "random", "no-such-recipe"))
+    shipped = load_recipe("gcl-gd+lcl-lr+patchcl")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "byol+mean-teacher.yaml").write_text("stages:\n  - method: byol\n  - method: mean_teacher\n")
+    (recipes / "mine.yaml").write_text("stages:\n  - method: gcl\n  - method: patchcl\n")  # the name says nothing
+    (recipes / "byol+supervised.yaml").write_text("stages:\n  - method: byol\n  - method: supervised\n")
+    monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
+    assert bm.is_combination("byol+mean-teacher") and bm.is_combination("mine")
+    assert not bm.is_combination("byol+supervised") and shipped.pretrain
+    monkeypatch.undo()  # the report below reads the shipped recipes again
     rows = [{"recipe": r, "labeled": n, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
              "train_seconds": 1.0, "pretrain_seconds": 0.0}
             for r in ("random", "patchcl+selfreg", "gcl-gd+lcl-lr+patchcl") for n in (2, 8, 16)]

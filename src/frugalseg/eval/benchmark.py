@@ -40,13 +40,22 @@ PUBLISHED_ACDC = {
 }
 # what a pre-training + semi-supervised recipe is compared with: the paper's best combination row
 PUBLISHED_ACDC_COMBINATION = ("paper's best combination, proposed init + Mixup", {1: 0.757, 2: 0.826, 8: 0.886})
-SEMI_SUPERVISED_PARTS = ("mean-teacher", "patchcl")
 
 
-def is_combination(recipe: str) -> bool:
-    """Whether a recipe name chains a pre-training before a semi-supervised stage (e.g. ``gcl-gd+lcl-lr+patchcl``)."""
-    parts = recipe.split("+")
-    return any(p in SEMI_SUPERVISED_PARTS for p in parts[1:]) and parts[0] not in SEMI_SUPERVISED_PARTS + ("random",)
+def is_combination(name: str) -> bool:
+    """Whether recipe ``name`` pre-trains, then trains a semi-supervised method (one that samples unlabelled images)."""
+    from frugalseg.registry import METHODS, resolve
+
+    try:
+        recipe = load_recipe(name)
+    except UserError:  # no longer defined: nothing to compare it with
+        return False
+    method = resolve(METHODS, recipe.train.method, "--recipes")
+    return bool(recipe.pretrain) and getattr(method, "unlabelled_sampling", None) is not None
+
+
+def _published_row(name: str, values: dict[int, float], ns: list[int]) -> str:
+    return f"| {name} (published) | " + " | ".join(f"{values[n]:.3f}" if n in values else "—" for n in ns) + " |"
 
 
 PROTOCOL_NOTE_ACDC = (
@@ -341,13 +350,9 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
                   "| recipe | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
         for rec in recipes:
             if rec in PUBLISHED_ACDC:
-                lines.append(f"| {rec} (published) | "
-                             + " | ".join(f"{PUBLISHED_ACDC[rec][n]:.3f}" if n in PUBLISHED_ACDC[rec] else "—"
-                                          for n in ns) + " |")
+                lines.append(_published_row(rec, PUBLISHED_ACDC[rec], ns))
         if any(is_combination(rec) for rec in recipes):
-            name, values = PUBLISHED_ACDC_COMBINATION
-            lines.append(f"| {name} (published) | "
-                         + " | ".join(f"{values[n]:.3f}" if n in values else "—" for n in ns) + " |")
+            lines.append(_published_row(*PUBLISHED_ACDC_COMBINATION, ns))
         lines += ["", PROTOCOL_NOTE_ACDC]
     return "\n".join(lines) + "\n"
 
