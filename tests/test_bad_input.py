@@ -115,7 +115,7 @@ def _cases(phantoms_2d, models, tmp: Path):
         ("bad config value", [*train, "--set", "optim.lr=fast"],
          "--set: config key 'optim.lr' expects float, got 'fast'"),
         ("too many labelled volumes", ["train", "--data", phantoms_2d, "--labeled", 99, "--out", out],
-         "--labeled 99: only 5 labelled training volume(s) in " + str(phantoms_2d)),
+         "--labelled 99: only 5 labelled training volume(s) in " + str(phantoms_2d)),
         ("dataset.json path leaving the folder", ["train", "--data", leaving, "--labeled", 1, "--out", out],
          f"{leaving / 'dataset.json'}: path '../elsewhere/case.nii.gz' leaves the dataset folder"),
         ("label of another case's shape", ["train", "--data", other_shape, "--labeled", 5, "--out", out],
@@ -182,7 +182,7 @@ def test_bad_input_table(phantoms_2d, models, tmp_path):
     for name, args, message in rows:
         before = _snapshot(tmp_path, models, phantoms_2d)
         disk_full = name.startswith("disk full")
-        with mock.patch("frugalseg.atomic.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")) \
+        with mock.patch("frugalseg.files.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")) \
                 if disk_full else mock.MagicMock():
             code, output = _invoke(args)
         lines = [ln for ln in output.strip().splitlines() if ln.strip()]

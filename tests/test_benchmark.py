@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from frugalseg import benchmark as bm
 from frugalseg.cli import app
-from frugalseg.eval import benchmark as bm
 from frugalseg.recipes import load_recipe
 
 TINY = ["train.steps=4", "train.log_every=2", "train.checkpoint_every=2", "data.batch_size=2",
         "model.channels=[4,8,16]", "data.patch_size=[32,32]", "data.spatial_dims=2"]
 
 
-def _args(data, out, recipes="random,no-augment", labeled="1,2"):
-    args = ["benchmark", "--data", str(data), "--recipes", recipes, "--labeled", labeled, "--seeds", "0",
+def _args(data, out, recipes="random,no-augment", labelled="1,2"):
+    args = ["benchmark", "--data", str(data), "--recipes", recipes, "--labelled", labelled, "--seeds", "0",
             "--out", str(out), "--quiet"]
     for s in TINY:
         args += ["--set", s]
@@ -30,7 +30,7 @@ def test_benchmark_end_to_end_and_resume(phantoms_2d, tmp_path, monkeypatch):
     for name in ("results.csv", "report.md", "dice_vs_labels.png", "per_class_dice.png", "overlays.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert sorted((r["recipe"], r["labeled"]) for r in rows) == [
+    assert sorted((r["recipe"], r["labelled"]) for r in rows) == [
         ("no-augment", "1"), ("no-augment", "2"), ("random", "1"), ("random", "2")]
     report = (out / "report.md").read_text()
     for r in rows:  # one seed: the report's mean equals the csv value, and no spread is claimed
@@ -61,28 +61,55 @@ def test_pretraining_stage_runs_once_per_seed_and_is_shared(phantoms_2d, tmp_pat
     chains = sorted((out / "pretrain").glob("*/s0"))
     assert len(chains) == 1 and chains[0].parent.name.startswith("byol-")
     pre = json.loads((chains[0] / "run.json").read_text())
-    assert pre["method"] == "byol" and pre["labeled"] is None and pre["status"] == "finished"
+    assert pre["method"] == "byol" and pre["labelled"] is None and pre["status"] == "finished"
     assert json.loads((chains[0] / "split.json").read_text())["labelled_cases"] == []
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4
     for r in rows:
-        run = json.loads((out / "runs" / r["recipe"] / f"n{r['labeled']}_s0" / "run.json").read_text())
+        run = json.loads((out / "runs" / r["recipe"] / f"n{r['labelled']}_s0" / "run.json").read_text())
         assert run["init"] == str(chains[0] / "model.pt")
         assert float(r["pretrain_seconds"]) == pytest.approx(pre["train_seconds"])
     init = json.loads((out / "runs" / "byol" / "n1_s0" / "init_report.json").read_text())
     assert init["missing"] == [] and len(init["loaded"]) > 0
 
 
-def test_recipe_stage_order_is_checked(tmp_path, monkeypatch):
+def test_a_labelled_stage_before_the_last_runs_once_per_n_and_seed(phantoms_2d, tmp_path, monkeypatch):
+    """A recipe may start with a training stage (e.g. a supervised warm start): it reads the same N labelled
+    volumes as the last stage, runs once per (N, seed), is shared by recipes that start with it, and its weights
+    start the next stage."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "warm.yaml").write_text("stages:\n  - method: supervised\n  - method: mean_teacher\n")
+    (recipes / "warm-twin.yaml").write_text(
+        "stages:\n  - method: supervised\n  - method: mean_teacher\n    set: {optim: {lr: 0.001}}\n")
+    monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="warm,warm-twin", labelled="1,2"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "pretrain").exists()
+    chains = sorted((out / "chain").glob("*/*"))
+    assert [c.name for c in chains] == ["n1_s0", "n2_s0"] and chains[0].parent.name.startswith("supervised-")
+    for chain in chains:
+        n = int(chain.name[1])
+        first = json.loads((chain / "split.json").read_text())
+        assert first["labelled"] == n and len(first["labelled_cases"]) == n
+        for recipe in ("warm", "warm-twin"):
+            cell = out / "runs" / recipe / f"n{n}_s0"
+            assert json.loads((cell / "run.json").read_text())["init"] == str(chain / "model.pt")
+            assert json.loads((cell / "split.json").read_text())["labelled_cases"] == first["labelled_cases"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and all(float(r["pretrain_seconds"]) > 0 for r in rows)
+
+
+def test_a_recipe_is_any_chain_of_stages_ending_in_a_training_method(tmp_path, monkeypatch):
     from frugalseg.errors import UserError
     from frugalseg.recipes import load_recipe
 
     (tmp_path / "wrong.yaml").write_text("stages:\n  - method: supervised\n  - method: byol\n")
-    (tmp_path / "twice.yaml").write_text("stages:\n  - method: supervised\n  - method: supervised\n")
+    (tmp_path / "twice.yaml").write_text("stages:\n  - method: supervised\n  - method: mean_teacher\n")
     monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: tmp_path)
-    with pytest.raises(UserError, match="stage 1 \\(supervised\\): only the last stage may train"):
-        load_recipe("twice")
-    with pytest.raises(UserError, match="stage 1 \\(supervised\\)"):
+    assert [st.method for st in load_recipe("twice").stages] == ["supervised", "mean_teacher"]
+    with pytest.raises(UserError, match="stage 2 \\(byol\\): the last stage must be a training method"):
         load_recipe("wrong")
 
 
@@ -90,7 +117,7 @@ def test_killed_benchmark_resumes_the_unfinished_cell(phantoms_2d, tmp_path, mon
     from frugalseg.data.sampling import PatchSampler
 
     ref = tmp_path / "uninterrupted"
-    assert CliRunner().invoke(app, _args(phantoms_2d, ref, recipes="random", labeled="1")).exit_code == 0
+    assert CliRunner().invoke(app, _args(phantoms_2d, ref, recipes="random", labelled="1")).exit_code == 0
     expected = json.loads((ref / "runs" / "random" / "n1_s0" / "cell.json").read_text())
 
     out = tmp_path / "bench"
@@ -102,12 +129,12 @@ def test_killed_benchmark_resumes_the_unfinished_cell(phantoms_2d, tmp_path, mon
         return real_batch(self, step)
 
     monkeypatch.setattr(PatchSampler, "batch", dies_at_step_3)
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="random", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="random", labelled="1"))
     assert result.exit_code == 130 and "interrupted" in result.output
     cell = out / "runs" / "random" / "n1_s0"
     assert not (cell / "cell.json").exists()
     monkeypatch.setattr(PatchSampler, "batch", real_batch)
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="random", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="random", labelled="1"))
     assert result.exit_code == 0, result.output
     steps = [json.loads(ln)["step"] for ln in (cell / "log.jsonl").read_text().splitlines()]
     assert steps == [2, 4]  # resumed from step 2, not restarted
@@ -117,14 +144,14 @@ def test_killed_benchmark_resumes_the_unfinished_cell(phantoms_2d, tmp_path, mon
 
 @pytest.mark.parametrize("override, message", [
     ({"recipes": "nonsense"}, "--recipes: unknown recipe 'nonsense'"),
-    ({"labeled": "1,99"}, "--labeled 99: must be between 1 and the 5"),
-    ({"labeled": ","}, "--labeled: empty list"),
-    ({"labeled": "one"}, "--labeled: cannot read 'one'"),
+    ({"labelled": "1,99"}, "--labelled 99: must be between 1 and the 5"),
+    ({"labelled": ","}, "--labelled: empty list"),
+    ({"labelled": "one"}, "--labelled: cannot read 'one'"),
     ({"recipes": "random,random"}, "--recipes: a recipe is listed twice"),
     # a later stage's bad option is found before the first stage runs (TINY nets have 2 decoder blocks)
     ({"recipes": "gcl-gd+lcl-lr", "extra": ["--set", "data.batch_size=4"]},
-     "recipe gcl-gd+lcl-lr, stage lcl: --method lcl: bad option in config 'method' "
-     "(decoder_blocks must be in 1..2, got 3)"),
+     "recipe gcl-gd+lcl-lr, stage lcl: --method lcl: method.decoder_blocks must be in 1..2 for model.channels "
+     "[4, 8, 16], got 3"),
     ({"recipes": "gcl-gd", "extra": ["--set", "data.batch_size=6"]},
      "recipe gcl-gd, stage gcl: --method gcl: data.batch_size (6) must be a multiple of the 4 partitions"),
 ])
@@ -137,7 +164,7 @@ def test_benchmark_bad_input(phantoms_2d, tmp_path, override, message):
 
 
 def test_report_delta_is_paired_by_seed():
-    rows = [{"recipe": r, "labeled": 1, "seed": s, "split": "val", "mean_dice": d, "dice_a": d, "mean_hd95": 1.0,
+    rows = [{"recipe": r, "labelled": 1, "seed": s, "split": "val", "mean_dice": d, "dice_a": d, "mean_hd95": 1.0,
              "train_seconds": 100.0 + 20 * s, "pretrain_seconds": 0.0 if r == "random" else 300.0 + 100 * s}
             for r, s, d in [("random", 0, 0.5), ("random", 1, 0.7), ("x", 0, 0.6), ("x", 1, 0.9)]]
     text = bm.report_markdown(rows, "decathlon", ["bg", "a"])
@@ -148,7 +175,7 @@ def test_report_delta_is_paired_by_seed():
 
 
 def test_acdc_report_sets_the_papers_row_of_each_recipe_beside_ours():
-    rows = [{"recipe": r, "labeled": n, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
+    rows = [{"recipe": r, "labelled": n, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
              "train_seconds": 1.0, "pretrain_seconds": 0.0}
             for r in ("random", "gcl-gd+lcl-lr", "byol") for n in (1, 4)]
     text = bm.report_markdown(rows, "ssl4mis_h5", ["bg", "a"])
@@ -173,9 +200,9 @@ def test_acdc_report_sets_the_papers_best_combination_beside_a_pretrained_semi_s
     (recipes / "byol+supervised.yaml").write_text("stages:\n  - method: byol\n  - method: supervised\n")
     monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
     assert bm.is_combination("byol+mean-teacher") and bm.is_combination("mine")
-    assert not bm.is_combination("byol+supervised") and shipped.pretrain
+    assert not bm.is_combination("byol+supervised") and len(shipped.stages) > 1
     monkeypatch.undo()  # the report below reads the shipped recipes again
-    rows = [{"recipe": r, "labeled": n, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
+    rows = [{"recipe": r, "labelled": n, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
              "train_seconds": 1.0, "pretrain_seconds": 0.0}
             for r in ("random", "patchcl+selfreg", "gcl-gd+lcl-lr+patchcl") for n in (2, 8, 16)]
     published = bm.report_markdown(rows, "ssl4mis_h5", ["bg", "a"]).split("Published (ACDC")[1]
@@ -188,14 +215,14 @@ def test_a_cell_of_a_changed_recipe_is_refused_not_reused(phantoms_2d, tmp_path,
     (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n")
     monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labelled="1"))
     assert result.exit_code == 0, result.output
     cell = out / "runs" / "mine" / "n1_s0" / "cell.json"
     assert "recipe_key" in json.loads(cell.read_text())
     assert "recipe_key" not in (out / "results.csv").read_text().splitlines()[0]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n    set: {optim: {lr: 1.0e-4}}\n")
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labelled="1"))
     assert result.exit_code == 2
     assert (f"{cell.parent}: made by another definition of recipe mine (its stages, their settings or the "
             f"defaults changed since); use another --out") in result.output
@@ -209,19 +236,19 @@ def test_a_started_cell_resumes_only_under_the_definition_that_started_it(phanto
     (recipes / "pre.yaml").write_text("stages:\n  - method: byol\n  - method: supervised\n")
     monkeypatch.setattr("frugalseg.recipes.recipes_dir", lambda: recipes)
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine,pre", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine,pre", labelled="1"))
     assert result.exit_code == 0, result.output
     for name in ("mine", "pre"):  # trained, then stopped before the evaluation was written
         (out / "runs" / name / "n1_s0" / "cell.json").unlink()
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
 
     (recipes / "mine.yaml").write_text("stages:\n  - method: supervised\n    set: {optim: {lr: 1.0e-4}}\n")
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="mine", labelled="1"))
     assert result.exit_code == 2
     assert f"{out / 'runs' / 'mine' / 'n1_s0'}: made by another definition of recipe mine" in result.output
     (recipes / "pre.yaml").write_text(  # another pre-training: the trained cell started from other weights
         "stages:\n  - method: byol\n    set: {optim: {lr: 1.0e-4}}\n  - method: supervised\n")
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pre", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pre", labelled="1"))
     assert result.exit_code == 2
     assert f"{out / 'runs' / 'pre' / 'n1_s0'}: made by another definition of recipe pre" in result.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written
@@ -229,7 +256,7 @@ def test_a_started_cell_resumes_only_under_the_definition_that_started_it(phanto
     chain = next((out / "pretrain").glob("*/s0"))  # a pre-training made under other defaults (simulated)
     saved = (chain / "config.yaml").read_text()
     (chain / "config.yaml").write_text(saved.replace("weight_decay:", "weight_decay: 0.5 #", 1))
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pre", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pre", labelled="1"))
     assert result.exit_code == 2
     assert f"{chain}: made by another definition of recipe pre (its stages, their settings or the defaults" \
         in result.output
@@ -241,14 +268,14 @@ def test_a_started_cell_resumes_only_under_the_definition_that_started_it(phanto
     calls = []
     monkeypatch.setattr("frugalseg.run.train", lambda *a, **k: calls.append(a))
     result = CliRunner().invoke(app, _args(phantoms_2d, out.parent / "." / out.name, recipes="mine,pre",
-                                           labeled="1"))
+                                           labelled="1"))
     assert result.exit_code == 0, result.output
     assert calls == [] and (out / "runs" / "pre" / "n1_s0" / "cell.json").is_file()
 
 
 def test_pcrlv2_recipe_fine_tunes_from_the_encoder_only(phantoms_2d, tmp_path):
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pcrlv2", labeled="1"))
+    result = CliRunner().invoke(app, _args(phantoms_2d, out, recipes="pcrlv2", labelled="1"))
     assert result.exit_code == 0, result.output
     report = json.loads((out / "runs" / "pcrlv2" / "n1_s0" / "init_report.json").read_text())
     assert report["loaded"] and all(k.startswith("encoder.") for k in report["loaded"])

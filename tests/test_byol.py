@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from frugalseg.losses.contrastive import byol_regression, symmetric_byol_loss
-from frugalseg.methods.byol import BYOL
+from frugalseg.methods.byol import BYOL, BYOLOptions
 from frugalseg.nn.ema import cosine_momentum, ema_update, frozen_copy
 from frugalseg.nn.unet import UNet
 
@@ -54,7 +54,7 @@ def _batch(dims=2):
 @pytest.mark.parametrize("dims", [2, 3])
 def test_target_gets_no_gradient_and_moves_only_by_ema(dims):
     torch.manual_seed(0)
-    method = BYOL(UNet(dims, 1, 2, (4, 8, 16)), hidden=32, projection=16, momentum=0.9)
+    method = BYOL(UNet(dims, 1, 2, (4, 8, 16)), BYOLOptions(hidden=32, projection=16, momentum=0.9))
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
     target_before = {k: v.clone() for k, v in method.target_net.state_dict().items()}
     out = method.training_step(_batch(dims), 0.0)
@@ -77,7 +77,7 @@ def test_target_gets_no_gradient_and_moves_only_by_ema(dims):
 
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
-    method = BYOL(UNet(2, 1, 2, (4, 8, 16)), hidden=32, projection=16, momentum=0.99)
+    method = BYOL(UNet(2, 1, 2, (4, 8, 16)), BYOLOptions(hidden=32, projection=16, momentum=0.99))
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
     batch = _batch()
     losses = []

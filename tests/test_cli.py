@@ -64,9 +64,25 @@ def test_predict_keeps_shape_and_affine(trained, phantoms_2d, tmp_path):
     assert code == 2 and "already exists (pass --force" in output
 
 
-def test_methods_lists_supervised():
+def test_methods_lists_every_method_with_a_whole_first_sentence():
     code, output = run("methods")
     assert code == 0 and output.startswith("supervised")
+    lines = output.strip().splitlines()
+    from frugalseg.registry import METHODS
+
+    assert [ln.split()[0] for ln in lines] == list(METHODS)
+    assert all(ln.rstrip().endswith(".") for ln in lines), output  # no line cut mid-sentence
+    pcrl = next(ln for ln in lines if ln.startswith("pcrlv2"))
+    assert "pre-train" in pcrl and "with global and local (sub-crop) views." in pcrl
+
+
+def test_labeled_is_an_alias_of_labelled(phantoms_2d, tmp_path):
+    sets = ["--set", "train.steps=1", "--set", "data.batch_size=2", "--set", "model.channels=[4,8]",
+            "--set", "data.spatial_dims=2", "--set", "data.patch_size=[32,32]"]
+    for flag in ("--labelled", "--labeled"):
+        code, output = run("train", "--data", phantoms_2d, flag, 1, "--out", tmp_path / flag, "--quiet", *sets)
+        assert code == 0, output
+        assert json.loads((tmp_path / flag / "split.json").read_text())["labelled"] == 1
 
 
 def _snapshot(path):
@@ -87,7 +103,7 @@ def _bad_cases(phantoms_2d, trained, tmp_path):
         (base + ["--set", "train.stepz=1", "--out", tmp_path / "o"], r"unknown config key 'train.stepz'"),
         (base + ["--set", "optim.lr=fast", "--out", tmp_path / "o"],
          r"config key 'optim.lr' expects float, got 'fast'"),
-        (["train", "--data", phantoms_2d, "--labeled", 99, "--out", tmp_path / "o"], r"--labeled 99: only 5 labelled"),
+        (["train", "--data", phantoms_2d, "--labeled", 99, "--out", tmp_path / "o"], r"--labelled 99: only 5 labelled"),
         (base + ["--out", trained], r"already exists; pass --resume to continue it or --force"),
         (base + ["--out", tmp_path / "o", "--init", tmp_path / "missing.pt"],
          r"--init .*missing.pt: weights file not found"),
@@ -130,7 +146,7 @@ def test_resume_of_a_finished_run_is_refused(trained, phantoms_2d):
     code, output = run("train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", trained, "--resume")
     assert code == 2 and "already finished" in output
     code, output = run("train", "--data", phantoms_2d, "--labeled", 3, "--seed", 1, "--out", trained, "--resume")
-    assert code == 2 and "started with labeled=2" in output
+    assert code == 2 and "started with labelled=2" in output
 
 
 def test_resume_with_a_corrupt_checkpoint_is_one_line(trained, phantoms_2d, tmp_path):

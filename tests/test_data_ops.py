@@ -54,7 +54,7 @@ def test_few_label_split_reproducible_and_nested():
     assert eight[:2] == a["labelled_cases"]
     assert few_label_split(src, 2, 4)["labelled_cases"] != a["labelled_cases"]
     assert "extra" in a["unlabelled_cases"]
-    with pytest.raises(UserError, match="--labeled 21: only 20 labelled training volume"):
+    with pytest.raises(UserError, match="--labelled 21: only 20 labelled training volume"):
         few_label_split(src, 21, 0)
     with pytest.raises(UserError, match="at least 1"):
         few_label_split(src, 0, 0)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from frugalseg import collectives
 from frugalseg.engine import distributed as fdist
 from frugalseg.losses.segmentation import DiceCE
 
@@ -42,10 +43,12 @@ def _blocks(rank: int, world: int, init: str, out: str) -> None:
     loss = DiceCE()(ls, label[half])
     loss.backward()
     es = emb[half].clone().requires_grad_()
-    g = fdist.gather_across_ranks(es)
+    g = collectives.gather_across_ranks(es)
+    uneven = collectives.gather_uneven(torch.full((2 + rank, 3), float(rank)))
     (g[:, 0] * torch.arange(8.0)).sum().backward()
     torch.save({"y": y.detach(), "xgrad": xs.grad, "running_mean": bn.running_mean, "running_var": bn.running_var,
-                "dice": loss.detach(), "lgrad": ls.grad, "gathered": g.detach(), "egrad": es.grad},
+                "dice": loss.detach(), "lgrad": ls.grad, "gathered": g.detach(), "egrad": es.grad,
+                "uneven": uneven},
                f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -76,6 +79,9 @@ def test_cross_rank_blocks_equal_one_process(tmp_path):
     assert abs((r[0]["dice"] + r[1]["dice"]).item() / 2 - full.item()) < 1e-5
     torch.testing.assert_close(torch.cat([r[0]["lgrad"], r[1]["lgrad"]]) / 2, logits.grad, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(r[0]["gathered"], emb.detach())
+    uneven = torch.cat([torch.zeros(2, 3), torch.ones(3, 3)])  # rank 0 gave 2 rows, rank 1 gave 3
+    torch.testing.assert_close(r[0]["uneven"], uneven)
+    torch.testing.assert_close(r[1]["uneven"], uneven)
     (emb[:, 0] * torch.arange(8.0)).sum().backward()
     torch.testing.assert_close(torch.cat([r[0]["egrad"], r[1]["egrad"]]) / 2, emb.grad)
 

@@ -10,10 +10,10 @@ from frugalseg.config import Config, OptimConfig
 from frugalseg.data.sampling import PatchSampler
 from frugalseg.data.synthetic import phantom
 from frugalseg.data.volume import Volume
-from frugalseg.engine.checkpoint import load_checkpoint, save_atomic
 from frugalseg.engine.optim import build_optimizer, build_scheduler, lr_factor
 from frugalseg.engine.trainer import fit
 from frugalseg.errors import UserError
+from frugalseg.files import load_checkpoint, save_atomic
 from frugalseg.methods.supervised import Supervised
 from frugalseg.nn.unet import UNet
 

@@ -9,7 +9,7 @@ import torch
 from frugalseg.data.sampling import PatchSampler
 from frugalseg.data.volume import Volume
 from frugalseg.losses.contrastive import global_contrastive_loss, global_pair_masks
-from frugalseg.methods.gcl import GlobalContrastive, slice_partition
+from frugalseg.methods.gcl import GlobalContrastive, GlobalContrastiveOptions, slice_partition
 from frugalseg.nn.unet import UNet
 
 # hand-made batch: 2 volumes x 2 partitions, two views -> 8 images
@@ -98,7 +98,8 @@ def test_partitioned_batches_hold_every_partition_of_each_volume():
 
 
 def test_gcl_step_backpropagates_into_the_encoder():
-    method = GlobalContrastive(UNet(2, 1, 2, (4, 8, 16)), strategy="GD", hidden=16, projection=8)
+    options = GlobalContrastiveOptions(strategy="GD", hidden=16, projection=8)
+    method = GlobalContrastive(UNet(2, 1, 2, (4, 8, 16)), options)
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(8, 1, 32, 32, generator=g), "view2": torch.randn(8, 1, 32, 32, generator=g),
              "position": torch.tensor([0.1, 0.3, 0.6, 0.9] * 2)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -301,37 +302,36 @@ def test_every_network_states_its_decoder_widths_and_classes(name, dims):
     assert all(s % net.size_divisor == 0 for s in logits.shape[2:])
 
 
+SOURCE = SimpleNamespace(in_channels=1, num_classes=3)  # what assembling a stage reads of a dataset
+
+
 def test_decoder_map_methods_refuse_patches_a_padding_network_would_pad():
+    from frugalseg.assemble import assemble
     from frugalseg.config import Config
-    from frugalseg.registry import build_network
-    from frugalseg.run import check_stage
 
     cfg = Config()
     cfg.model.name, cfg.data.spatial_dims, cfg.data.patch_size, cfg.data.batch_size = "resnet18_unet", 2, [48, 64], 4
-    net = build_network(cfg.model, 2, 1, 3)
     with pytest.raises(UserError, match=r"data.patch_size \[48, 64\]: --method patchcl on model.name resnet18_unet "
                                         r"needs multiples of 32"):
-        check_stage("patchcl", cfg, net)
-    check_stage("supervised", cfg, net)  # forward pads and crops back: any size trains
+        assemble("patchcl", cfg, SOURCE)
+    assemble("supervised", cfg, SOURCE)  # forward pads and crops back: any size trains
     cfg.data.patch_size = [64, 64]
-    check_stage("patchcl", cfg, build_network(cfg.model, 2, 1, 3))
+    assemble("patchcl", cfg, SOURCE)
 
 
 def test_methods_that_need_the_projects_unet_refuse_other_networks_in_one_line():
+    from frugalseg.assemble import assemble
     from frugalseg.config import Config
-    from frugalseg.registry import build_network
-    from frugalseg.run import check_stage
 
     cfg = Config()
     cfg.model.name, cfg.data.spatial_dims, cfg.data.patch_size = "resnet18_unet", 2, [64, 64]
-    net = build_network(cfg.model, 2, 1, 3)
-    with pytest.raises(UserError, match=r"lcl needs the U-Net \(model.name=unet\)"):
-        check_stage("lcl", cfg, net)
-    with pytest.raises(UserError, match=r"pcrlv2 needs a U-Net \(model.name=unet or genesis"):
-        check_stage("pcrlv2", cfg, net)
+    with pytest.raises(UserError, match=r"--method lcl: needs the U-Net \(model.name=unet\)"):
+        assemble("lcl", cfg, SOURCE)
+    with pytest.raises(UserError, match=r"--method pcrlv2: needs a U-Net \(model.name=unet or genesis"):
+        assemble("pcrlv2", cfg, SOURCE)
     cfg.selfreg.weight = 0.015
     with pytest.raises(UserError, match=r"config key 'selfreg.weight': selfreg needs the U-Net"):
-        check_stage("supervised", cfg, net)
+        assemble("supervised", cfg, SOURCE)
     cfg.model.name = "unet"
     cfg.model.channels = [8, 16, 32]
-    check_stage("supervised", cfg, build_network(cfg.model, 2, 1, 3))  # the U-Net itself is accepted
+    assemble("supervised", cfg, SOURCE)  # the U-Net itself is accepted

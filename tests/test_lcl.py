@@ -7,7 +7,7 @@ from frugalseg.config import AugmentConfig
 from frugalseg.data.sampling import PatchSampler
 from frugalseg.data.volume import Volume
 from frugalseg.losses.local_contrastive import extract_regions, local_pair_masks, region_corners
-from frugalseg.methods.lcl import LocalContrastive
+from frugalseg.methods.lcl import LocalContrastive, LocalContrastiveOptions
 from frugalseg.nn.unet import UNet
 
 
@@ -62,7 +62,7 @@ def test_shared_spatial_views_differ_in_intensity_only():
 def test_encoder_is_frozen_and_the_decoder_learns():
     torch.manual_seed(0)
     net = UNet(2, 1, 2, (4, 8, 16, 32))
-    method = LocalContrastive(net, "LD", decoder_blocks=2, projection=8)
+    method = LocalContrastive(net, LocalContrastiveOptions("LD", decoder_blocks=2, projection=8))
     enc_before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
     dec_before = {k: v.clone() for k, v in net.decoder.state_dict().items()}
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from frugalseg.config import AugmentConfig
-from frugalseg.data.sampling import PatchSampler, SemiSupervisedSampler, method_sampler
+from frugalseg.data.sampling import PatchSampler, SemiSupervisedSampler, build_sampler
 from frugalseg.data.volume import Volume
 from frugalseg.losses.consistency import sigmoid_rampup, softmax_mse
-from frugalseg.methods.mean_teacher import MeanTeacher
+from frugalseg.methods.mean_teacher import MeanTeacher, MeanTeacherOptions
 from frugalseg.nn.unet import UNet
 
 
@@ -44,7 +44,7 @@ def _vols(labelled=True):
 def test_semi_supervised_batches_weak_teacher_view_and_independent_streams():
     aug = AugmentConfig(noise_std=0.0, gamma=[1.0, 1.0], contrast=[1.0, 1.0], probability=1.0)
     method = MeanTeacher(UNet(2, 1, 2, (4, 8)))
-    s = method_sampler(method, _vols()[:1], _vols(), 2, (32, 32), 4, 5, 0.33, aug)
+    s = build_sampler(method.spec, _vols()[:1], _vols(), 2, (32, 32), 4, 5, 0.33, aug)
     assert isinstance(s, SemiSupervisedSampler)
     b = s.batch(3)
     alone = PatchSampler(_vols()[:1], 2, (32, 32), 4, 5, 0.33, aug).batch(3)
@@ -57,7 +57,7 @@ def test_semi_supervised_batches_weak_teacher_view_and_independent_streams():
 
 def test_teacher_gets_no_gradient_and_moves_only_by_ema():
     torch.manual_seed(0)
-    method = MeanTeacher(UNet(2, 1, 2, (4, 8, 16)), ema=0.9, consistency=1.0, rampup=0.0)
+    method = MeanTeacher(UNet(2, 1, 2, (4, 8, 16)), MeanTeacherOptions(ema=0.9, consistency=1.0, rampup=0.0))
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(2, 1, 16, 16, generator=g), "label": torch.randint(0, 2, (2, 16, 16), generator=g),
              "u_image": torch.randn(2, 1, 16, 16, generator=g), "u_view2": torch.randn(2, 1, 16, 16, generator=g)}

@@ -1,43 +1,98 @@
-"""Every registered method: a two-step CPU smoke test on synthetic data, in 2-D and 3-D."""
+"""Every registered method: a two-step CPU smoke test on synthetic data, in 2-D and 3-D, assembled exactly as a run
+assembles it; and the contract every method keeps."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from frugalseg.config import Config
-from frugalseg.data.preprocess import Preprocessor
+from frugalseg.assemble import assemble
+from frugalseg.config import build_config
 from frugalseg.data.readers import open_source
-from frugalseg.data.sampling import method_sampler
+from frugalseg.data.splits import few_label_split, pretrain_split
 from frugalseg.engine.optim import build_optimizer, build_scheduler
 from frugalseg.engine.trainer import fit
-from frugalseg.nn.unet import UNet
-from frugalseg.registry import METHODS, build_method, method_kind, resolve
+from frugalseg.methods.base import PRETRAIN, Method, MethodSpec
+from frugalseg.registry import METHODS, method_class, method_spec
+
+TINY = ["model.channels=[4,8,16,32]", "data.batch_size=4", "train.steps=2", "train.log_every=1",
+        "data.augment.probability=0"]
+
+
+def _teachers(method: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Sub-modules that take no gradient at all: EMA teachers / targets."""
+    out = {}
+    for name, module in method.named_children():
+        params = list(module.parameters())
+        if name != "net" and params and not any(p.requires_grad for p in params):
+            out[name] = module
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("dims", [2, 3])
 def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
+    if dims not in method_spec(name).spatial_dims:
+        pytest.skip(f"{name} does not support {dims}-D data")
     data = phantoms_2d if dims == 2 else phantoms_3d
     src = open_source(data)
-    vols = [Preprocessor()(src.load(c)) for c in src.cases("train")[:2]]
-    if method_kind(name) == "pretrain":
-        vols = [v.without_label() for v in vols]
-    if dims not in getattr(resolve(METHODS, name, "m"), "spatial_dims", (2, 3)):
-        pytest.skip(f"{name} does not support {dims}-D data")
-    patch = (32, 32) if dims == 2 else (24, 24, 24)
-    method = build_method(name, UNet(dims, 1, src.num_classes, (4, 8, 16, 32)), {})
-    sampler = method_sampler(method, vols, vols, dims, patch, 4, 0, 0.33, None)
+    patch = "[32,32]" if dims == 2 else "[24,24,24]"
+    cfg = build_config(dims, None, [*TINY, f"data.spatial_dims={dims}", f"data.patch_size={patch}"],
+                       data_format=src.format, method=name)
+    probe = assemble(name, cfg, src)
+    split = pretrain_split(src) if probe.spec.kind == PRETRAIN else few_label_split(src, 2, 0)
+    stage = assemble(name, cfg, src, split, seed=0)
+    method, sampler = stage.module, stage.sampler
     before = {k: v.clone() for k, v in method.net.state_dict().items()}
-    cfg = Config()
-    cfg.train.steps, cfg.train.log_every = 2, 1
     opt = build_optimizer(method.parameters(), cfg.optim)
     fit(method, sampler.batch, opt, build_scheduler(opt, 2, cfg.optim), cfg.train, tmp_path,
         torch.device("cpu"), show_progress=False)
-    out = method.training_step({k: v for k, v in sampler.batch(9).items()}, 1.0)
+    out = method.training_step(dict(sampler.batch(9).items()), 1.0)
     assert torch.isfinite(out.loss)
     moved = [k for k, v in method.net.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert moved, "no parameter moved"
-    if method_kind(name) == "pretrain":
+    if stage.spec.kind == PRETRAIN:
         assert "label" not in sampler.batch(0)
+    for name_t, teacher in _teachers(method).items():  # a teacher gets no gradient (it moves by EMA only)
+        assert all(p.grad is None for p in teacher.parameters()), name_t
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_declares_its_record_and_typed_options(name):
+    cls = method_class(name)
+    assert issubclass(cls, Method)
+    assert dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen
+    spec = cls.declare(cls.Options())
+    assert isinstance(spec, MethodSpec) and spec.kind in ("pretrain", "train")
+    assert set(spec.spatial_dims) <= {2, 3} and spec.spatial_dims
+    if spec.unlabelled is not None:
+        assert spec.kind == "train"
+
+
+def test_a_bad_option_is_one_line_naming_the_key(phantoms_2d):
+    from frugalseg.errors import UserError
+
+    with pytest.raises(UserError, match=r"config key 'method.ema' must be in \[0, 1\), got 1.5"):
+        build_config(2, None, ["method.ema=1.5"], method="mean_teacher")
+    with pytest.raises(UserError, match=r"unknown config key 'method.nosuch' \(known: ema, consistency, rampup\)"):
+        build_config(2, None, ["method.nosuch=1"], method="mean_teacher")
+    with pytest.raises(UserError, match=r"config key 'method.per_class' expects int, got 'many'"):
+        build_config(2, None, ["method.per_class=many"], method="patchcl")
+    with pytest.raises(UserError, match=r"unknown config key 'method.x' \(known: none: this method has no options\)"):
+        build_config(2, None, ["method.x=1"], method="supervised")
+
+
+def test_a_bug_inside_a_method_is_not_reported_as_a_bad_option(phantoms_2d, monkeypatch):
+    """A TypeError raised while building a method is a bug: it surfaces as itself, not as "bad option"."""
+    from frugalseg.methods import mean_teacher
+
+    def broken(self, net, options=None):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(mean_teacher.MeanTeacher, "__init__", broken)
+    cfg = build_config(2, None, TINY + ["data.patch_size=[32,32]"], method="mean_teacher")
+    with pytest.raises(TypeError, match="a bug"):
+        assemble("mean_teacher", cfg, open_source(phantoms_2d))
 
 
 @pytest.mark.parametrize("name", ["supervised", "mean_teacher"])

@@ -12,7 +12,7 @@ from frugalseg.losses.patchcl import (
     plgcl_loss,
     select_patches,
 )
-from frugalseg.methods.patchcl import PatchCL
+from frugalseg.methods.patchcl import PatchCL, PatchCLOptions
 from frugalseg.nn.unet import UNet
 
 
@@ -74,7 +74,7 @@ def test_plgcl_equals_a_naive_loop():
 
 def test_patchcl_steps_fill_queues_and_teacher_moves_only_by_ema():
     torch.manual_seed(0)
-    method = PatchCL(UNet(2, 1, 3, (4, 8, 16)), patch=8, per_class=4, queue=16, embedding=8, warmup=0.0)
+    method = PatchCL(UNet(2, 1, 3, (4, 8, 16)), PatchCLOptions(patch=8, per_class=4, queue=16, embedding=8, warmup=0.0))
     g = torch.Generator().manual_seed(0)
     label = torch.zeros(2, 32, 32, dtype=torch.long)
     label[:, 8:24, 8:24] = 1

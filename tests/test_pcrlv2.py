@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from frugalseg.data.pcrl_crops import SubCropSampler, box_iou, crop_resize, sub_crop_boxes, swap_patches
 from frugalseg.data.volume import Volume
-from frugalseg.methods.pcrlv2 import PCRLv2, restoration_weight, siamese_cosine
+from frugalseg.methods.pcrlv2 import PCRLv2, PCRLv2Options, restoration_weight, siamese_cosine
 from frugalseg.nn.unet import UNet
 
 
@@ -96,8 +96,8 @@ def test_pcrlv2_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
     vols = [Volume("v", np.random.default_rng(1).normal(size=(1, 24, 24, 16)).astype(np.float32), None, np.eye(4),
                    (1.0, 1.0, 1.0))]
-    method = PCRLv2(UNet(3, 1, 2, (4, 8, 16), skip=False), locals_per_sample=2)
-    batch = method.make_sampler(vols, (16, 16, 16), 0, spatial_dims=3, batch_size=2).batch(0)
+    method = PCRLv2(UNet(3, 1, 2, (4, 8, 16), skip=False), PCRLv2Options(locals_per_sample=2))
+    batch = method.spec.sampler(vols, (16, 16, 16), 0, spatial_dims=3, batch_size=2).batch(0)
     opt = torch.optim.Adam(method.parameters(), 3e-3)
     losses = []
     for _ in range(12):

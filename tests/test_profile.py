@@ -6,8 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from frugalseg import hardware
+from frugalseg import profile as prof
 from frugalseg.cli import app
-from frugalseg.eval import profile as prof
 from frugalseg.methods.base import StepOutput
 
 
@@ -36,10 +37,10 @@ def test_conv_throughput_is_flops_over_time(monkeypatch):
 
 
 def test_native_bf16_reads_cpu_flags(monkeypatch):
-    monkeypatch.setattr(prof, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert prof.native_bf16()
-    monkeypatch.setattr(prof, "cpu_flags", lambda: {"avx512f"})
-    assert not prof.native_bf16()
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert hardware.native_bf16()
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f"})
+    assert not hardware.native_bf16()
 
 
 def test_profile_cli_table_and_json(tmp_path, monkeypatch):
@@ -94,3 +95,29 @@ def test_profile_config_runs_a_real_step():
                               sets=["data.batch_size=2", "model.channels=[4,8]", "data.patch_size=[32,32]"])
     assert row["flops_per_step"] > 0 and row["seconds_per_step"] > 0
     assert 0 <= row["data_fraction"] < 1
+
+
+def test_profile_times_the_step_fit_runs_on_the_stage_a_run_assembles(monkeypatch):
+    """The profiled step is the trainer's own (StepRunner), on the module ``train`` would build: with
+    ``--set selfreg.weight`` it is the SelfReg-wrapped method."""
+    from frugalseg.engine.trainer import StepRunner
+    from frugalseg.methods.selfreg import SelfRegularised
+
+    calls = {"runner": 0, "selfreg": 0}
+    real_call, real_step = StepRunner.__call__, SelfRegularised.training_step
+
+    def counting_call(self, step, progress):
+        calls["runner"] += 1
+        return real_call(self, step, progress)
+
+    def counting_step(self, batch, progress):
+        calls["selfreg"] += 1
+        return real_step(self, batch, progress)
+
+    monkeypatch.setattr(StepRunner, "__call__", counting_call)
+    monkeypatch.setattr(SelfRegularised, "training_step", counting_step)
+    tiny = ["data.batch_size=2", "model.channels=[4,8]", "data.patch_size=[32,32]"]
+    prof.profile_config(2, "supervised", steps=2, warmup=1, sets=tiny)
+    assert calls == {"runner": 3, "selfreg": 0}
+    prof.profile_config(2, "supervised", steps=2, warmup=1, sets=[*tiny, "selfreg.weight=0.1"])
+    assert calls["runner"] == 6 and calls["selfreg"] == 4  # 3 steps + the FLOP-counting pass

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from frugalseg.data.voco_crops import VoCoSampler, base_boxes, grid_size, overlap_fractions, sample_crops
 from frugalseg.data.volume import Volume
 from frugalseg.losses.voco import base_dissimilarity, overlap_logits, overlap_losses
-from frugalseg.methods.voco import VoCo
+from frugalseg.methods.voco import VoCo, VoCoOptions
 from frugalseg.nn.unet import UNet
 
 
@@ -100,8 +100,8 @@ def test_voco_step_decreases_its_loss():
     torch.manual_seed(0)
     vols = [Volume(f"v{i}", np.random.default_rng(i).normal(size=(1, 40, 40, 12)).astype(np.float32), None,
                    np.eye(4), (1.0, 1.0, 1.0)) for i in range(2)]
-    method = VoCo(UNet(3, 1, 2, (4, 8, 16)), hidden=32, projection=32, teacher=True)
-    sampler = method.make_sampler(vols, (16, 16, 12), 0)
+    method = VoCo(UNet(3, 1, 2, (4, 8, 16)), VoCoOptions(hidden=32, projection=32, teacher=True))
+    sampler = method.spec.sampler(vols, (16, 16, 12), 0)
     batch = sampler.batch(0)
     opt = torch.optim.Adam(method.parameters(), 1e-2)
     first = None

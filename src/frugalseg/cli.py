@@ -99,6 +99,13 @@ def _out(message: str) -> None:
         typer.echo(message)
 
 
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring, however it is wrapped."""
+    text = " ".join(doc.split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
 def _table(results: dict, title: str) -> str:
     names = list(results["per_class_dice"])
     width = max(12, *(len(c["case"]) for c in results["cases"]))
@@ -123,7 +130,7 @@ SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set tra
 def train(
     data: Path = DataOpt,
     method: str = typer.Option("supervised", "--method", help="A registered method (see `frugalseg methods`)."),
-    labeled: int = typer.Option(..., "--labeled", help="Number of labelled training volumes."),
+    labelled: int = typer.Option(..., "--labelled", "--labeled", help="Number of labelled training volumes."),
     seed: int = typer.Option(0, "--seed", help="Seed: picks the labelled volumes and drives training."),
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
     init: Path | None = typer.Option(None, "--init", help="Pre-trained weights to start from."),
@@ -136,7 +143,7 @@ def train(
     """Train a network with N labelled volumes."""
     from frugalseg.run import train as run_train
 
-    summary = run_train(data, method, labeled, seed, out, init, config, set_ or [], resume, force,
+    summary = run_train(data, method, labelled, seed, out, init, config, set_ or [], resume, force,
                         show_progress=not quiet, report=_say)
     _out(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
                f"(labelled: {', '.join(summary['labelled_cases'])}); model in {summary['run_dir']}/model.pt")
@@ -231,16 +238,14 @@ def import_weights(
 @app.command()
 def methods() -> None:
     """List the registered methods."""
-    import importlib
+    from frugalseg.methods.base import PRETRAIN
+    from frugalseg.registry import METHODS, method_class
 
-    from frugalseg.registry import METHODS
-
-    for name, target in METHODS.items():
-        module, attr = target.split(":")
-        cls = getattr(importlib.import_module(module), attr)
-        doc = (cls.__doc__ or "").strip().splitlines()
-        kind = "pre-train" if getattr(cls, "kind", "train") == "pretrain" else "train"
-        typer.echo(f"{name:<16} {kind:<10} {doc[0] if doc else ''}")
+    for name in METHODS:
+        cls = method_class(name)
+        kind = "pre-train" if cls.declare(cls.Options()).kind == PRETRAIN else "train"
+        about = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""  # the module says what the method is
+        typer.echo(f"{name:<16} {kind:<10} {_first_sentence(about)}")
 
 
 @app.command()
@@ -266,7 +271,8 @@ def demo(
 def benchmark(
     data: Path = DataOpt,
     recipes: str = typer.Option(..., "--recipes", help="Comma-separated recipe names (see `frugalseg recipes`)."),
-    labeled: str = typer.Option("1,2,8", "--labeled", help="Comma-separated numbers of labelled volumes."),
+    labelled: str = typer.Option("1,2,8", "--labelled", "--labeled",
+                                 help="Comma-separated numbers of labelled volumes."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
     out: Path = typer.Option(..., "--out", help="Benchmark folder (re-run the same command to resume)."),
     split: str = typer.Option("val", "--split", help="Evaluation split: val | test | all."),
@@ -275,9 +281,9 @@ def benchmark(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run the few-label protocol: every recipe x N x seed, evaluated; writes csv, report and plots."""
-    from frugalseg.eval.benchmark import parse_list, run_benchmark
+    from frugalseg.benchmark import parse_list, run_benchmark
 
-    rows = run_benchmark(data, parse_list(recipes, "--recipes"), parse_list(labeled, "--labeled", int),
+    rows = run_benchmark(data, parse_list(recipes, "--recipes"), parse_list(labelled, "--labelled", int),
                          parse_list(seeds, "--seeds", int), out, split, eval_data, set_ or [],
                          show_progress=not quiet, report=_say)
     _out((out / "report.md").read_text())
@@ -308,9 +314,9 @@ def profile(
     """
     import json
 
-    from frugalseg.atomic import write_atomic
     from frugalseg.config import build_config
-    from frugalseg.eval.profile import format_table, profile_all
+    from frugalseg.files import write_atomic
+    from frugalseg.profile import format_table, profile_all
     from frugalseg.registry import METHODS
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(METHODS)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from frugalseg.errors import UserError
+from frugalseg.errors import OptionError, UserError
 
 
 class _Loader(yaml.SafeLoader):
@@ -212,6 +212,29 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
         setattr(obj, key, coerced)
 
 
+def parse_options(cls: type, values: dict[str, Any], prefix: str = "method") -> Any:
+    """Build a method's options dataclass ``cls`` from a config mapping: unknown keys, wrongly typed and out-of-range
+    values are refused in one line naming ``<prefix>.<key>``."""
+    if not isinstance(values, dict):
+        raise UserError(f"config key '{prefix}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            known = ", ".join(names) or "none: this method has no options"
+            raise UserError(f"unknown config key '{prefix}.{key}' (known: {known})")
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            tname = getattr(hints[key], "__name__", str(hints[key])).replace("typing.", "")
+            raise UserError(f"config key '{prefix}.{key}' expects {tname}, got {value!r}")
+        kwargs[key] = coerced
+    try:
+        return cls(**kwargs)
+    except OptionError as exc:
+        raise UserError(f"config key '{prefix}.{exc.option}' {exc.reason}") from None
+
+
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = value
     for part in reversed(dotted.split(".")):
@@ -304,6 +327,10 @@ def build_config(
     for source, layer in layers:
         _merge(cfg, layer, "", source)
     validate(cfg)
+    if method is not None:  # the method's options, typed and checked like the rest
+        from frugalseg.registry import method_class
+
+        parse_options(method_class(method).Options, cfg.method)
     return cfg
 
 
@@ -368,6 +395,6 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from frugalseg.atomic import write_atomic
+    from frugalseg.files import write_atomic
 
     write_atomic(path, lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))

@@ -1,13 +1,15 @@
 """Recipes: named chains of stages in ``configs/recipes/<name>.yaml``.
 
-A recipe holds zero or more pre-training stages (unlabelled data only, each initialised from the previous one)
-followed by exactly one training stage that starts from the last pre-trained weights::
+A recipe is any sequence of stages, each initialised from the weights the previous one produced. A stage is a
+method with optional config overrides; a pre-training method reads every training image without labels, a
+training method the N labelled volumes (and, when it declares an unlabelled stream, every training image). The
+last stage must be a training method: its model is the one evaluated::
 
     description: one line
     stages:
       - method: byol              # pre-training: every training image, no labels
         set: {train: {steps: 1000}} # optional config overrides for this stage
-      - method: supervised        # the last stage trains with the N labelled volumes
+      - method: supervised        # trains with the N labelled volumes
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from frugalseg.errors import UserError
 
 
 @dataclass
-class Stage:
+class RecipeStage:
     method: str
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -30,8 +32,12 @@ class Stage:
 class Recipe:
     name: str
     description: str
-    pretrain: list[Stage]
-    train: Stage
+    stages: list[RecipeStage]
+
+    @property
+    def final(self) -> RecipeStage:
+        """The training stage whose model is evaluated."""
+        return self.stages[-1]
 
 
 def recipes_dir() -> Path:
@@ -46,7 +52,10 @@ def load_recipe(name: str) -> Recipe:
     path = recipes_dir() / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"--recipes: unknown recipe {name!r} (available: {', '.join(available())})")
-    data = read_yaml(path)
+    return parse_recipe(name, read_yaml(path), path)
+
+
+def parse_recipe(name: str, data: dict[str, Any], path: Path | str) -> Recipe:
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise UserError(f"{path}: 'stages' must be a non-empty list")
@@ -60,25 +69,25 @@ def load_recipe(name: str) -> Recipe:
         overrides = st.get("set") or {}
         if not isinstance(overrides, dict):
             raise UserError(f"{path}: stage {i + 1} 'set' must be a mapping")
-        parsed.append(Stage(st["method"], overrides))
-    from frugalseg.registry import METHODS, method_kind
+        parsed.append(RecipeStage(st["method"], overrides))
+    from frugalseg.methods.base import TRAIN
+    from frugalseg.registry import METHODS, method_class
 
     for i, st in enumerate(parsed):
         if st.method not in METHODS:
             raise UserError(f"{path}: stage {i + 1}: unknown method {st.method!r} (choose from {', '.join(METHODS)})")
-        want = "train" if i == len(parsed) - 1 else "pretrain"
-        if method_kind(st.method) != want:
-            where = "the last stage must be a training method" if want == "train" else (
-                "only the last stage may train with labels; earlier stages must be pre-training methods")
-            raise UserError(f"{path}: stage {i + 1} ({st.method}): {where}")
-    return Recipe(name, str(data.get("description", "")), parsed[:-1], parsed[-1])
+    last = parsed[-1]
+    cls = method_class(last.method)
+    if cls.declare(cls.Options()).kind != TRAIN:
+        raise UserError(f"{path}: stage {len(parsed)} ({last.method}): the last stage must be a training method")
+    return Recipe(name, str(data.get("description", "")), parsed)
 
 
-def stage_key(stages: list[Stage], sets: list[str]) -> str:
-    """A folder name for the pre-training chain ``stages`` under ``--set`` values ``sets``.
+def stage_key(stages: list[RecipeStage], sets: list[str]) -> str:
+    """A folder name for the chain of stages ``stages`` under ``--set`` values ``sets``.
 
     Equal chains get equal keys, so recipes that share a prefix (``gcl-gd`` and ``gcl-gd+lcl-lr``) share its
-    pre-trained weights.
+    weights.
     """
     import hashlib
     import json

@@ -38,17 +38,17 @@ def resolve(table: dict[str, str], name: str, option: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def method_kind(name: str) -> str:
-    """``pretrain`` (unlabelled images only) or ``train`` (uses the N labelled volumes)."""
-    return getattr(resolve(METHODS, name, "--method"), "kind", "train")
+def method_class(name: str, option: str = "--method") -> Any:
+    """The :class:`~frugalseg.methods.base.Method` registered as ``name``."""
+    return resolve(METHODS, name, option)
 
 
-def check_method_dims(name: str, spatial_dims: int) -> None:
-    """Refuse a method on data of a dimensionality it does not support."""
-    allowed = getattr(resolve(METHODS, name, "--method"), "spatial_dims", (2, 3))
-    if spatial_dims not in allowed:
-        raise UserError(f"--method {name}: works on {'/'.join(map(str, allowed))}-D data only "
-                        f"(set data.spatial_dims={allowed[0]})")
+def method_spec(name: str, options: dict[str, Any] | None = None, option: str = "--method"):
+    """The record method ``name`` declares under ``options`` (a ``method`` config mapping; defaults if ``None``)."""
+    from frugalseg.config import parse_options
+
+    cls = method_class(name, option)
+    return cls.declare(parse_options(cls.Options, options or {}, "method"))
 
 
 def build_network(model_cfg, spatial_dims: int, in_channels: int, out_channels: int):
@@ -65,11 +65,3 @@ def build_network(model_cfg, spatial_dims: int, in_channels: int, out_channels: 
         return cls(spatial_dims, in_channels, out_channels)
     return cls(spatial_dims, in_channels, out_channels, channels=model_cfg.channels, skip=model_cfg.skip,
                norm=model_cfg.norm, dropout=model_cfg.dropout)
-
-
-def build_method(name: str, net, options: dict[str, Any]):
-    cls = resolve(METHODS, name, "--method")
-    try:
-        return cls(net, **options)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"--method {name}: bad option in config 'method' ({exc})") from None

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from frugalseg.atomic import write_atomic
 from frugalseg.errors import UserError
+from frugalseg.files import write_atomic
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:

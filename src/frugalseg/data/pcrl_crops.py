@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from frugalseg.data.sampling import as_training_arrays
 from frugalseg.data.volume import Volume
+from frugalseg.errors import Incompatible
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,7 +121,7 @@ class SubCropSampler:
     def __init__(self, volumes: Sequence[Volume], spatial_dims: int, patch_size: Sequence[int], batch_size: int,
                  seed: int, locals_per_sample: int = 6, min_iou: float = 0.3) -> None:
         if not volumes:
-            raise ValueError("PCRLv2 needs at least one volume")
+            raise Incompatible("needs at least one training volume")
         self.arrays = [as_training_arrays(v, spatial_dims)[0] for v in volumes]
         self.dims, self.patch = spatial_dims, tuple(int(p) for p in patch_size)
         self.local = tuple(max(8, p // 2) for p in self.patch)

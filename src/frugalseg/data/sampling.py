@@ -216,26 +216,23 @@ class SemiSupervisedSampler:
         return out
 
 
-def method_sampler(method, volumes: Sequence[Volume], unlabelled: Sequence[Volume] | None, spatial_dims: int,
-                   patch_size: Sequence[int], batch_size: int, seed: int, foreground_oversample: float,
-                   augment: AugmentConfig | None):
-    """The batch source a method asks for: its ``sampling`` options on ``volumes``, plus an unlabelled stream
-    over ``unlabelled`` when it declares ``unlabelled_sampling`` (semi-supervised methods). A method whose views are
-    not patches (VoCo's bases, PCRLv2's sub-crops) builds its own with
-    ``make_sampler(volumes, patch_size, seed, spatial_dims=..., batch_size=...)``."""
-    make = getattr(method, "make_sampler", None)
-    if make is not None:
-        try:
-            return make(volumes, patch_size, seed, spatial_dims=spatial_dims, batch_size=batch_size)
-        except ValueError as exc:
-            from frugalseg.errors import UserError
-
-            raise UserError(f"--method: {exc}") from None
+def build_sampler(spec, volumes: Sequence[Volume], unlabelled: Sequence[Volume] | None, spatial_dims: int,
+                  patch_size: Sequence[int], batch_size: int, seed: int, foreground_oversample: float,
+                  augment: AugmentConfig | None):
+    """The batch source a method's record (:class:`~frugalseg.methods.base.MethodSpec`) asks for: its ``stream``
+    on ``volumes``, plus an unlabelled stream over ``unlabelled`` (``u_`` keys) when it declares one. A method whose
+    views are not patches (VoCo's bases, PCRLv2's sub-crops) declares its own ``sampler`` factory."""
+    if spec.sampler is not None:
+        return spec.sampler(volumes, patch_size, seed, spatial_dims=spatial_dims, batch_size=batch_size)
     sampler = PatchSampler(volumes, spatial_dims, patch_size, batch_size, seed, foreground_oversample, augment,
-                           **getattr(method, "sampling", {}))
-    extra = getattr(method, "unlabelled_sampling", None)
-    if extra is None or unlabelled is None:
+                           **_stream_options(spec.stream))
+    if spec.unlabelled is None or unlabelled is None:
         return sampler
     stream = PatchSampler([v.without_label() for v in unlabelled], spatial_dims, patch_size, batch_size, seed, 0.0,
-                          augment, stream=1, **extra)
+                          augment, stream=1, **_stream_options(spec.unlabelled))
     return SemiSupervisedSampler(sampler, stream)
+
+
+def _stream_options(stream) -> dict:
+    return {"views": stream.views, "shared_spatial": stream.shared_spatial, "weak_view2": stream.weak_view2,
+            "partitions": stream.partitions}

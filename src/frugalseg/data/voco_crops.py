@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from frugalseg.data.volume import Volume
+from frugalseg.errors import Incompatible
 
 
 def grid_size(extent: Sequence[int], patch: Sequence[int], largest: int = 4) -> int:
@@ -73,9 +74,9 @@ class VoCoSampler:
     def __init__(self, volumes: Sequence[Volume], patch_size: Sequence[int], seed: int, volumes_per_step: int = 2,
                  crops: int = 2, grid: int = 0) -> None:
         if not volumes:
-            raise ValueError("VoCo needs at least one volume")
+            raise Incompatible("needs at least one training volume")
         if any(v.image.ndim != 4 for v in volumes):
-            raise ValueError("VoCo crops 3-D volumes")
+            raise Incompatible("crops 3-D volumes (set data.spatial_dims=3 on 3-D data)")
         self.images = [v.image for v in volumes]
         self.patch = tuple(int(p) for p in patch_size)
         self.seed, self.per_step, self.crops = seed, volumes_per_step, crops

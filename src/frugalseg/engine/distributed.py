@@ -7,8 +7,8 @@ batch ``B/P`` see exactly the samples of one process with batch ``B``. Gradients
 
 * BatchNorm statistics over the whole batch (``SyncBatchNorm`` on GPU, :class:`DistBatchNorm` on CPU, where
   PyTorch's ``SyncBatchNorm`` does not run);
-* batch Dice sums (:func:`sum_across_ranks`) and contrastive embeddings (:func:`gather_across_ranks`), both with
-  gradients;
+* batch Dice sums and contrastive embeddings, both with gradients (:mod:`frugalseg.collectives`, which losses and
+  methods use without knowing the engine);
 * EMA teachers need nothing: their students hold identical weights on every rank after each step.
 
 Outside ``torchrun`` every helper is the identity and costs nothing.
@@ -24,7 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from frugalseg.collectives import active, is_main, sum_across_ranks
 from frugalseg.errors import UserError
+
+__all__ = ["Context", "DistBatchNorm", "active", "barrier", "context", "convert_batchnorm", "is_main",
+           "mean_across_ranks", "setup", "shard", "teardown"]
 
 TIMEOUT_ENV = "FRUGALSEG_DIST_TIMEOUT"  # seconds a collective may wait for a silent rank (default 600)
 
@@ -49,14 +53,6 @@ def context() -> Context:
     except (KeyError, ValueError):
         raise UserError("WORLD_SIZE is set but RANK/LOCAL_RANK/LOCAL_WORLD_SIZE are missing or not integers: "
                         "launch with `torchrun`") from None
-
-
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_main() -> bool:
-    return not active() or dist.get_rank() == 0
 
 
 def setup() -> torch.device:
@@ -102,71 +98,6 @@ def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                             "job (set data.batch_size, or VoCo's method.volumes_per_step, to a multiple)")
         out[key] = value[r * (n // w):(r + 1) * (n // w)]
     return out
-
-
-class _SumAcrossRanks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # every rank's loss depends on the sum: the input's gradient collects all of them (DDP then averages)
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad
-
-
-class _GatherAcrossRanks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.n, ctx.rank = x.shape[0], dist.get_rank()
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
-def sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    """``Σ_ranks x``, differentiable (identity in a single process)."""
-    return _SumAcrossRanks.apply(x) if active() else x
-
-
-def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` concatenated along dimension 0 in rank order = the global batch; differentiable for
-    tensors that require grad (identity in a single process). All ranks must pass the same shape."""
-    if not active():
-        return x
-    if x.requires_grad:
-        return _GatherAcrossRanks.apply(x)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def gather_uneven(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` (any length along dimension 0, same trailing shape) concatenated in rank order; no
-    gradient. Identity in a single process."""
-    if not active():
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = x.new_zeros((longest, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:

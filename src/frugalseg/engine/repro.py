@@ -1,4 +1,4 @@
-"""Seeding, thread settings, device choice and provenance."""
+"""Seeding, thread settings and provenance."""
 
 from __future__ import annotations
 
@@ -32,10 +32,6 @@ def set_threads(requested: int = 0) -> int:
     n = requested if requested > 0 else max(1, cores // local)
     torch.set_num_threads(n)
     return n
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def git_revision() -> str:

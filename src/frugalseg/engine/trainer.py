@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from frugalseg.config import TrainConfig
 from frugalseg.engine import distributed as dist
-from frugalseg.engine.checkpoint import load_checkpoint, save_atomic
 from frugalseg.engine.tracking import RunLog
 from frugalseg.errors import UserError
+from frugalseg.files import load_checkpoint, save_atomic
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last one, kept in case the last is damaged
@@ -70,7 +70,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_las
 def set_memory_format(method: nn.Module, channels_last: bool) -> None:
     if not channels_last:
         return
-    dims = getattr(method.net, "spatial_dims", 2)
+    dims = method.net.spatial_dims
     method.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
 
 
@@ -84,6 +84,63 @@ class _Stepper(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], progress: float):
         out = self.method.training_step(batch, progress)
         return out.loss, out.logs
+
+
+@dataclass
+class StepResult:
+    loss: float
+    logs: dict[str, float]
+    data_seconds: float
+
+
+class StepRunner:
+    """One optimiser step of ``method`` exactly as :func:`fit` runs it (and as ``frugalseg profile`` times it):
+    batches (accumulated), autocast, backward, clipping, optimiser and scheduler steps, then the method's
+    ``after_optimizer_step``. The method must already be on ``device`` in its memory format."""
+
+    def __init__(self, method: nn.Module, batches: Callable[[int], dict[str, torch.Tensor]],
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 cfg: TrainConfig, device: torch.device) -> None:
+        self.method, self.batches, self.optimizer, self.scheduler = method, batches, optimizer, scheduler
+        self.cfg, self.device = cfg, device
+        self.engine: nn.Module = _Stepper(method)
+        if dist.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            # BatchNorm statistics are already global; buffers (EMA teachers, queues) are broadcast from rank 0
+            self.engine = DistributedDataParallel(self.engine,
+                                                  device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=method.spec.partial_graph)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def autocast(self):
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16
+                else contextlib.nullcontext())
+
+    def __call__(self, step: int, progress: float) -> StepResult:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        data_time = 0.0
+        for micro in range(cfg.accumulate):
+            t_data = time.perf_counter()
+            batch = to_device(dist.shard(self.batches(step * cfg.accumulate + micro)), self.device,
+                              cfg.channels_last)
+            data_time += time.perf_counter() - t_data
+            sync = (micro == cfg.accumulate - 1 or not dist.active())
+            with contextlib.nullcontext() if sync else self.engine.no_sync():
+                with self.autocast():
+                    loss, logs = self.engine(batch, progress)
+                loss = loss.float()
+                if not torch.isfinite(loss):
+                    raise UserError(f"training diverged: loss is {loss.item()} at step {step}; "
+                                    "lower optim.lr or check the input normalisation")
+                (loss / cfg.accumulate).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.method.after_optimizer_step(progress)
+        return StepResult(loss.item(), {k: float(v) for k, v in logs.items()}, data_time)
 
 
 class _NoLog:
@@ -135,15 +192,7 @@ def fit(
         before = float(state.get("seconds", 0.0))
     main = dist.is_main()
     log = RunLog(run_dir, resume_step=start if resume else None) if main else _NoLog()
-    engine: nn.Module = _Stepper(method)
-    if dist.active():
-        from torch.nn.parallel import DistributedDataParallel
-
-        # BatchNorm statistics are already global; buffers (EMA teachers, queues) are broadcast from rank 0
-        engine = DistributedDataParallel(engine, device_ids=[device.index] if device.type == "cuda" else None,
-                                         find_unused_parameters=bool(getattr(method, "partial_graph", False)))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16
-                else contextlib.nullcontext())
+    runner = StepRunner(method, batches, optimizer, scheduler, cfg, device)
     total, t0, data_time, last_loss = cfg.steps, time.perf_counter(), 0.0, float("nan")
     window: dict[str, float] = {}
     n_window = 0
@@ -152,33 +201,12 @@ def fit(
     method.train()
     try:
         for step in bar:
-            progress = step / total
-            optimizer.zero_grad(set_to_none=True)
-            for micro in range(cfg.accumulate):
-                t_data = time.perf_counter()
-                batch = to_device(dist.shard(batches(step * cfg.accumulate + micro)), device, cfg.channels_last)
-                data_time += time.perf_counter() - t_data
-                sync = (micro == cfg.accumulate - 1 or not dist.active())
-                with contextlib.nullcontext() if sync else engine.no_sync():
-                    with autocast:
-                        loss, logs = engine(batch, progress)
-                    loss = loss.float()
-                    if not torch.isfinite(loss):
-                        raise UserError(f"training diverged: loss is {loss.item()} at step {step}; "
-                                        "lower optim.lr or check the input normalisation")
-                    (loss / cfg.accumulate).backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            after = getattr(method, "after_optimizer_step", None)
-            if after is not None:
-                after(progress)
-            last_loss = loss.item()
+            result = runner(step, step / total)
+            data_time += result.data_seconds
+            last_loss = result.loss
             window["loss"] = window.get("loss", 0.0) + last_loss
-            for key, value in logs.items():
-                window[key] = window.get(key, 0.0) + float(value)
+            for key, value in result.logs.items():
+                window[key] = window.get(key, 0.0) + value
             n_window += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == total:

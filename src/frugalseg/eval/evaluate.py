@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from frugalseg.atomic import write_atomic
 from frugalseg.data.readers import open_source
 from frugalseg.errors import UserError
 from frugalseg.eval.inference import TrainedModel, load_model, segment
 from frugalseg.eval.metrics import case_metrics
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+from frugalseg.files import write_json_atomic
 
 
 def summarise(cases: list[dict], class_names: list[str]) -> dict:

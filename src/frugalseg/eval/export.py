@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from frugalseg.atomic import write_atomic
 from frugalseg.errors import UserError
 from frugalseg.eval.inference import TrainedModel, load_model
+from frugalseg.files import write_atomic
 
 META_KEY = "frugalseg"
 OPSET = 17

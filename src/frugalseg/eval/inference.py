@@ -14,8 +14,8 @@ import torch.nn as nn
 from frugalseg.config import Config, config_from_dict
 from frugalseg.data.preprocess import Preprocessor
 from frugalseg.data.volume import Volume, slice_axis
-from frugalseg.engine.checkpoint import load_checkpoint
 from frugalseg.errors import UserError
+from frugalseg.files import load_checkpoint
 
 MODEL_FILE = "model.pt"
 
@@ -61,7 +61,7 @@ def load_model(run_dir: Path, device: torch.device | None = None) -> TrainedMode
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise UserError(f"{path}: corrupt or incompatible model file ({str(exc).splitlines()[0][:160]})") from None
     if device is None:
-        from frugalseg.engine.repro import pick_device
+        from frugalseg.hardware import pick_device
 
         device = pick_device()
     net.to(device).eval()

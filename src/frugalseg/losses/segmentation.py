@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalseg.engine.distributed import sum_across_ranks
+from frugalseg.collectives import sum_across_ranks
 
 
 class DiceCE(nn.Module):

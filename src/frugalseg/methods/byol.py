@@ -2,42 +2,57 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from frugalseg.losses.contrastive import symmetric_byol_loss
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import PRETRAIN, Method, MethodSpec, StepOutput, Stream
+from frugalseg.methods.options import check_momentum, check_positive
 from frugalseg.nn.ema import cosine_momentum, ema_update, frozen_copy
 from frugalseg.nn.heads import MLPHead, encoder_width, global_pool
 
 
-class BYOL(nn.Module):
-    """Online encoder + projector + predictor regress the EMA target's projection of another view.
-
-    The target (encoder and projector) starts as a copy of the online ones and only moves by
-    ``ξ ← τξ + (1 − τ)θ`` after each optimiser step, parameters and BatchNorm buffers alike, with the cosine
-    schedule τ: ``momentum`` → 1. No negatives. The kept network is ``net``; heads and target are dropped.
-
-    Args:
-        net: a network with ``encode(x) -> [features fine..coarse]``.
+@dataclass(frozen=True)
+class BYOLOptions:
+    """Attributes:
         hidden: projector/predictor hidden width (paper 4096, smaller here for 2-core CPUs).
         projection: output dimension (paper 256).
         momentum: τ_base (paper 0.99-0.996 depending on schedule length; short schedules want 0.99).
     """
 
-    kind = "pretrain"
-    partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
-    sampling = {"views": 2}  # two augmented views of the same crops
+    hidden: int = 1024
+    projection: int = 256
+    momentum: float = 0.99
 
-    def __init__(self, net: nn.Module, hidden: int = 1024, projection: int = 256, momentum: float = 0.99) -> None:
-        super().__init__()
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.net = net
-        self.momentum = momentum
+    def __post_init__(self) -> None:
+        check_positive("hidden", self.hidden)
+        check_positive("projection", self.projection)
+        check_momentum("momentum", self.momentum)
+
+
+class BYOL(Method):
+    """Online encoder + projector + predictor regress the EMA target's projection of another view.
+
+    The target (encoder and projector) starts as a copy of the online ones and only moves by
+    ``ξ ← τξ + (1 − τ)θ`` after each optimiser step, parameters and BatchNorm buffers alike, with the cosine
+    schedule τ: ``momentum`` → 1. No negatives. The kept network is ``net``; heads and target are dropped.
+    """
+
+    Options = BYOLOptions
+
+    @classmethod
+    def declare(cls, options: BYOLOptions) -> MethodSpec:
+        # two augmented views of the same crops; the segmentation head gets no gradient
+        return MethodSpec(kind=PRETRAIN, stream=Stream(views=2), partial_graph=True)
+
+    def __init__(self, net: nn.Module, options: BYOLOptions | None = None) -> None:
+        super().__init__(net, options)
+        o = self.options
         width = encoder_width(net)
-        self.projector = MLPHead(width, hidden, projection)
-        self.predictor = MLPHead(projection, hidden, projection)
+        self.projector = MLPHead(width, o.hidden, o.projection)
+        self.predictor = MLPHead(o.projection, o.hidden, o.projection)
         self.target_net = frozen_copy(net)
         self.target_projector = frozen_copy(self.projector)
 
@@ -58,6 +73,6 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        tau = cosine_momentum(self.momentum, progress)
+        tau = cosine_momentum(self.options.momentum, progress)
         ema_update(self.target_net, self.net, tau)
         ema_update(self.target_projector, self.projector, tau)

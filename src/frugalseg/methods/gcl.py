@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from frugalseg.engine.distributed import gather_across_ranks
+from frugalseg.collectives import gather_across_ranks
 from frugalseg.losses.contrastive import GLOBAL_STRATEGIES, global_contrastive_loss, global_pair_masks
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import PRETRAIN, Method, MethodSpec, StepOutput, Stream
+from frugalseg.methods.options import check_choice, check_positive
 from frugalseg.nn.heads import encoder_width, global_pool
 
 
@@ -16,37 +19,48 @@ def slice_partition(position: torch.Tensor, partitions: int) -> torch.Tensor:
     return (position * partitions).floor().clamp_(0, partitions - 1).long()
 
 
-class GlobalContrastive(nn.Module):
-    """Contrast encoder embeddings of 2-D slices; which pairs attract is set by ``strategy`` (G^R, G^D-, G^D).
-
-    A batch holds ``batch_size / partitions`` volumes with one slice from each of their ``partitions``
-    partitions, each slice in two augmented views. The projection head ``g1`` (pooled encoder output -> 1024 ->
-    128, ReLU, no bias, no BN) is dropped after pre-training.
-
-    Args:
-        net: a network with ``encode(x) -> [features fine..coarse]``.
+@dataclass(frozen=True)
+class GlobalContrastiveOptions:
+    """Attributes:
         strategy: ``GR``, ``GD-`` or ``GD`` (see :func:`frugalseg.losses.contrastive.global_pair_masks`).
         partitions: S, partitions per volume along the slice axis (paper 4).
         temperature: τ (paper 0.1).
         hidden, projection: head widths (paper 1024, 128).
     """
 
-    kind = "pretrain"
-    partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
-    spatial_dims = (2,)
+    strategy: str = "GD"
+    partitions: int = 4
+    temperature: float = 0.1
+    hidden: int = 1024
+    projection: int = 128
 
-    def __init__(self, net: nn.Module, strategy: str = "GD", partitions: int = 4, temperature: float = 0.1,
-                 hidden: int = 1024, projection: int = 128) -> None:
-        super().__init__()
-        if strategy not in GLOBAL_STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(GLOBAL_STRATEGIES)}, got {strategy!r}")
-        if partitions < 1:
-            raise ValueError(f"partitions must be at least 1, got {partitions}")
-        self.net, self.strategy, self.partitions, self.temperature = net, strategy, partitions, temperature
-        self.sampling = {"views": 2, "partitions": partitions}
+    def __post_init__(self) -> None:
+        check_choice("strategy", self.strategy, GLOBAL_STRATEGIES)
+        for name in ("partitions", "temperature", "hidden", "projection"):
+            check_positive(name, getattr(self, name))
+
+
+class GlobalContrastive(Method):
+    """Contrast encoder embeddings of 2-D slices; which pairs attract is set by ``strategy`` (G^R, G^D-, G^D).
+
+    A batch holds ``batch_size / partitions`` volumes with one slice from each of their ``partitions``
+    partitions, each slice in two augmented views. The projection head ``g1`` (pooled encoder output -> 1024 ->
+    128, ReLU, no bias, no BN) is dropped after pre-training.
+    """
+
+    Options = GlobalContrastiveOptions
+
+    @classmethod
+    def declare(cls, options: GlobalContrastiveOptions) -> MethodSpec:
+        return MethodSpec(kind=PRETRAIN, spatial_dims=(2,), stream=Stream(views=2, partitions=options.partitions),
+                          partial_graph=True)
+
+    def __init__(self, net: nn.Module, options: GlobalContrastiveOptions | None = None) -> None:
+        super().__init__(net, options)
+        o = self.options
         width = encoder_width(net)
-        self.head = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, projection, bias=False))
+        self.head = nn.Sequential(nn.Linear(width, o.hidden, bias=False), nn.ReLU(inplace=True),
+                                  nn.Linear(o.hidden, o.projection, bias=False))
 
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
         x = torch.cat([batch["image"], batch["view2"]])
@@ -57,7 +71,7 @@ class GlobalContrastive(nn.Module):
         position = gather_across_ranks(batch["position"].to(z.device))
         b = position.shape[0]
         instance = torch.arange(b, device=z.device).repeat(2)
-        partition = slice_partition(position, self.partitions).repeat(2)
-        positive, negative = global_pair_masks(instance, partition, self.strategy)
-        loss = global_contrastive_loss(z, positive, negative, self.temperature)
+        partition = slice_partition(position, self.options.partitions).repeat(2)
+        positive, negative = global_pair_masks(instance, partition, self.options.strategy)
+        loss = global_contrastive_loss(z, positive, negative, self.options.temperature)
         return StepOutput(loss, {"loss_global": loss.detach()})

@@ -2,42 +2,61 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from frugalseg.losses.consistency import sigmoid_rampup, softmax_mse
 from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import TRAIN, Method, MethodSpec, StepOutput, Stream
+from frugalseg.methods.options import check_fraction, check_momentum, check_non_negative
 from frugalseg.nn.ema import ema_update, frozen_copy
 
+# the student's view is strongly (intensity-)augmented, the teacher's weakly; both share one spatial transform
+TEACHER_STUDENT_VIEWS = Stream(views=2, shared_spatial=True, weak_view2=True)
 
-class MeanTeacher(nn.Module):
+
+@dataclass(frozen=True)
+class MeanTeacherOptions:
+    """Args:
+        ema: teacher momentum (SSL4MIS 0.99).
+        consistency: w, the consistency weight at the end of the ramp-up (SSL4MIS 0.1).
+        rampup: length of the sigmoid ramp-up as a fraction of training.
+    """
+
+    ema: float = 0.99
+    consistency: float = 0.1
+    rampup: float = 0.4
+
+    def __post_init__(self) -> None:
+        check_momentum("ema", self.ema)
+        check_non_negative("consistency", self.consistency)
+        check_fraction("rampup", self.rampup)
+
+
+class MeanTeacher(Method):
     """Student on labelled (DiceCE) + unlabelled (consistency with an EMA teacher) batches.
 
     ``L = DiceCE(f(x_l), y) + w·r(progress)·MSE(softmax f(strong(x_u)), softmax f_EMA(weak(x_u)))``; both
     unlabelled views share one spatial transform, the student's adds intensity augmentation. The teacher starts as
     the student (or its pre-trained weights), gets no gradient, and moves by EMA over parameters and BatchNorm
     buffers after every optimiser step.
-
-    Args:
-        net: the student network (kept and evaluated).
-        ema: teacher momentum (SSL4MIS 0.99).
-        consistency: w, the consistency weight at the end of the ramp (SSL4MIS 0.1).
-        rampup: length of the sigmoid ramp-up as a fraction of training.
     """
 
-    kind = "train"
-    unlabelled_sampling = {"views": 2, "shared_spatial": True, "weak_view2": True}
+    Options = MeanTeacherOptions
 
-    def __init__(self, net: nn.Module, ema: float = 0.99, consistency: float = 0.1, rampup: float = 0.4) -> None:
-        super().__init__()
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        self.net, self.ema, self.consistency, self.rampup = net, ema, consistency, rampup
+    @classmethod
+    def declare(cls, options: MeanTeacherOptions) -> MethodSpec:
+        return MethodSpec(kind=TRAIN, unlabelled=TEACHER_STUDENT_VIEWS)
+
+    def __init__(self, net: nn.Module, options: MeanTeacherOptions | None = None) -> None:
+        super().__init__(net, options)
         self.teacher = frozen_copy(net)
         self.loss_fn = dice_ce_loss()
 
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
+        o = self.options
         # labelled and unlabelled images go through the student in separate passes: BatchNorm normalises each
         # stream with its own batch statistics (one joint pass cost 0.13-0.23 Dice on ACDC N=1, docs/methods)
         logits = self.net(batch["image"])
@@ -47,10 +66,10 @@ class MeanTeacher(nn.Module):
             self.teacher.train(self.training)
             target = self.teacher(batch["u_view2"])
         cons = softmax_mse(u_logits, target)
-        weight = self.consistency * sigmoid_rampup(progress, self.rampup)
+        weight = o.consistency * sigmoid_rampup(progress, o.rampup)
         return StepOutput(sup + weight * cons, {"loss_dice_ce": sup.detach(), "loss_consistency": cons.detach(),
                                                 "consistency_weight": weight})
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        ema_update(self.teacher, self.net, self.ema)
+        ema_update(self.teacher, self.net, self.options.ema)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalseg.engine.distributed import gather_uneven
+from frugalseg.collectives import gather_uneven
 from frugalseg.losses.consistency import sigmoid_rampup, softmax_mse
 from frugalseg.losses.patchcl import attended_patch_features, patch_statistics, plgcl_loss, select_patches
 from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import TRAIN, Incompatible, Method, MethodSpec, StepOutput
+from frugalseg.methods.mean_teacher import TEACHER_STUDENT_VIEWS
+from frugalseg.methods.options import check_fraction, check_momentum, check_non_negative, check_positive
 from frugalseg.nn.ema import ema_update, frozen_copy
 
 
@@ -20,18 +24,9 @@ def _joined(outputs):
     return torch.cat([l1, l2]), [torch.cat([a, b]) for a, b in zip(f1, f2, strict=True)]
 
 
-class PatchCL(nn.Module):
-    """``L = L_sup + β·r(progress)·L_reg + γ·L_PLGCL`` with an EMA teacher (see ``docs/methods/patchcl.md``).
-
-    Class confidences C^k come from the labels where they exist and from the teacher's softmax on the weak view
-    elsewhere (only after ``warmup``: before it the contrastive term uses the labelled images alone). For each class
-    the patches it dominates are ranked by mean patch entropy of C^k, the most certain ``per_class`` are kept, and
-    each is embedded from a decoder feature map attended by C^k (confidence-weighted pooling over the patch). The
-    teacher's embeddings of the same patches fill per-class FIFO queues whose means and covariances define the
-    closed-form contrastive bound for the student's embeddings.
-
-    Args:
-        net: the student U-Net (kept and evaluated).
+@dataclass(frozen=True)
+class PatchCLOptions:
+    """Args:
         ema: teacher momentum.
         consistency: β, weight of the mean-teacher consistency at the end of its ramp-up.
         rampup: ramp-up length as a fraction of training.
@@ -46,33 +41,63 @@ class PatchCL(nn.Module):
         feature_block: which decoder block's output is embedded (``-2``: the one before the last, half resolution).
     """
 
-    kind = "train"
-    partial_graph = True  # some trainable parameters get no gradient in a step (DDP must look for them)
-    unlabelled_sampling = {"views": 2, "shared_spatial": True, "weak_view2": True}
-    uses_decoder_maps = True  # decoder features at the patch's size (see frugalseg.nn's size_divisor)
+    ema: float = 0.99
+    consistency: float = 0.1
+    rampup: float = 0.4
+    contrast: float = 0.5
+    warmup: float = 0.2
+    patch: int = 16
+    per_class: int = 16
+    queue: int = 512
+    embedding: int = 64
+    temperature: float = 0.2
+    lam: float = 4.0
+    zeta: float | None = None
+    feature_block: int = -2
 
-    def __init__(self, net: nn.Module, ema: float = 0.99, consistency: float = 0.1, rampup: float = 0.4,
-                 contrast: float = 0.5, warmup: float = 0.2, patch: int = 16, per_class: int = 16,
-                 queue: int = 512, embedding: int = 64, temperature: float = 0.2, lam: float = 4.0,
-                 zeta: float | None = None, feature_block: int = -2) -> None:
-        super().__init__()
+    def __post_init__(self) -> None:
+        check_momentum("ema", self.ema)
+        for name in ("consistency", "contrast"):
+            check_non_negative(name, getattr(self, name))
+        for name in ("rampup", "warmup"):
+            check_fraction(name, getattr(self, name))
+        for name in ("patch", "per_class", "queue", "embedding", "temperature"):
+            check_positive(name, getattr(self, name))
+
+
+class PatchCL(Method):
+    """``L = L_sup + β·r(progress)·L_reg + γ·L_PLGCL`` with an EMA teacher (see ``docs/methods/patchcl.md``).
+
+    Class confidences C^k come from the labels where they exist and from the teacher's softmax on the weak view
+    elsewhere (only after ``warmup``: before it the contrastive term uses the labelled images alone). For each class
+    the patches it dominates are ranked by mean patch entropy of C^k, the most certain ``per_class`` are kept, and
+    each is embedded from a decoder feature map attended by C^k (confidence-weighted pooling over the patch). The
+    teacher's embeddings of the same patches fill per-class FIFO queues whose means and covariances define the
+    closed-form contrastive bound for the student's embeddings.
+    """
+
+    Options = PatchCLOptions
+
+    @classmethod
+    def declare(cls, options: PatchCLOptions) -> MethodSpec:
+        # some trainable parameters get no gradient in a step; decoder features at the patch's size
+        return MethodSpec(kind=TRAIN, unlabelled=TEACHER_STUDENT_VIEWS, partial_graph=True, decoder_maps=True)
+
+    def __init__(self, net: nn.Module, options: PatchCLOptions | None = None) -> None:
+        super().__init__(net, options)
+        o = self.options
         widths = getattr(net, "decoder_channels", None)
         if not widths:
-            raise ValueError("patchcl needs a network with a decoder (model.name=unet, genesis, ...)")
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        self.net, self.ema, self.consistency, self.rampup = net, ema, consistency, rampup
-        self.contrast, self.warmup, self.patch, self.per_class = contrast, warmup, patch, per_class
-        self.temperature, self.lam = temperature, lam
-        self.zeta = float(zeta if zeta is not None else queue)
-        self.feature_block = feature_block
-        width = int(widths[feature_block])
-        self.head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, embedding))
+            raise Incompatible("needs a network with a decoder (model.name=unet, genesis, ...)")
+        self.zeta = float(o.zeta if o.zeta is not None else o.queue)
+        width = int(widths[o.feature_block])
+        self.head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(inplace=True),
+                                  nn.Linear(2 * width, o.embedding))
         self.teacher = frozen_copy(net)
         self.teacher_head = frozen_copy(self.head)
         self.loss_fn = dice_ce_loss()
         k = net.out_channels
-        self.register_buffer("queues", torch.zeros(k, queue, embedding))
+        self.register_buffer("queues", torch.zeros(k, o.queue, o.embedding))
         self.register_buffer("queue_count", torch.zeros(k, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(k, dtype=torch.long))
 
@@ -99,6 +124,7 @@ class PatchCL(nn.Module):
             self.queue_count[c] += 1
 
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
+        o = self.options
         n = batch["image"].shape[0]
         # labelled and unlabelled streams in separate passes (BatchNorm statistics per stream, as mean_teacher)
         logits, dec = _joined([self.net.decode(self.net.encode(batch[k])) for k in ("image", "u_image")])
@@ -108,38 +134,38 @@ class PatchCL(nn.Module):
             t_logits, t_dec = _joined([self.teacher.decode(self.teacher.encode(batch[k]))
                                        for k in ("image", "u_view2")])
         cons = softmax_mse(logits[n:], t_logits[n:])
-        weight = self.consistency * sigmoid_rampup(progress, self.rampup)
+        weight = o.consistency * sigmoid_rampup(progress, o.rampup)
 
         k = logits.shape[1]
         onehot = F.one_hot(batch["label"], k).movedim(-1, 1).float()
-        if progress >= self.warmup:
+        if progress >= o.warmup:
             conf = torch.cat([onehot, t_logits[n:].float().softmax(1)])
             used = 2 * n
         else:
             conf, used = onehot, n
-        picks = select_patches(*patch_statistics(conf, self.patch), self.per_class)
+        picks = select_patches(*patch_statistics(conf, o.patch), o.per_class)
         plgcl = logits.new_zeros(())
         if picks:
             classes = torch.tensor([p[1] for p in picks], device=logits.device)
-            s_emb = self.head(attended_patch_features(dec[self.feature_block][:used], conf, picks, self.patch))
+            s_emb = self.head(attended_patch_features(dec[o.feature_block][:used], conf, picks, o.patch))
             with torch.no_grad():
-                t_emb = self.teacher_head(attended_patch_features(t_dec[self.feature_block][:used], conf, picks,
-                                                                  self.patch))
+                t_emb = self.teacher_head(attended_patch_features(t_dec[o.feature_block][:used], conf, picks,
+                                                                  o.patch))
             means, covs, present = self._statistics()
             keep = present[classes]  # classes without queue statistics yet contribute nothing this step
             if present.sum() >= 2 and keep.any():
-                plgcl = plgcl_loss(s_emb[keep], classes[keep], means, covs, present, self.temperature, self.lam,
+                plgcl = plgcl_loss(s_emb[keep], classes[keep], means, covs, present, o.temperature, o.lam,
                                    self.zeta)
         else:
             t_emb = self.queues.new_zeros((0, self.queues.shape[2]))
             classes = torch.zeros(0, dtype=torch.long, device=logits.device)
         # under torchrun every rank enqueues every rank's embeddings: the queues stay identical
         self._enqueue(gather_uneven(t_emb.float()), gather_uneven(classes))
-        loss = sup + weight * cons + self.contrast * plgcl
+        loss = sup + weight * cons + o.contrast * plgcl
         return StepOutput(loss, {"loss_dice_ce": sup.detach(), "loss_consistency": cons.detach(),
                                  "loss_plgcl": plgcl.detach(), "patches": float(len(picks))})
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        ema_update(self.teacher, self.net, self.ema)
-        ema_update(self.teacher_head, self.head, self.ema)
+        ema_update(self.teacher, self.net, self.options.ema)
+        ema_update(self.teacher_head, self.head, self.options.ema)

@@ -4,12 +4,14 @@ U-Net without skip connections, with global and local (sub-crop) views."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import PRETRAIN, Incompatible, Method, MethodSpec, StepOutput
+from frugalseg.methods.options import OptionError, check_positive
 from frugalseg.nn.genesis import GenesisUNet
 from frugalseg.nn.heads import global_pool
 from frugalseg.nn.unet import UNet
@@ -28,7 +30,23 @@ def restoration_weight(progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class PCRLv2(nn.Module):
+@dataclass(frozen=True)
+class PCRLv2Options:
+    """Attributes:
+        locals_per_sample: local views per sample (official 6).
+        min_iou: the two global views' minimal IoU (official 0.3).
+    """
+
+    locals_per_sample: int = 6
+    min_iou: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_positive("locals_per_sample", self.locals_per_sample)
+        if not 0.0 <= self.min_iou < 1.0:
+            raise OptionError("min_iou", f"must be in [0, 1), got {self.min_iou}")
+
+
+class PCRLv2(Method):
     """Per decoder scale ``s``: projector ``pro_s = BN(GAP(d_s))``, predictor ``pre_s`` (Linear C→2C, BN, ReLU,
     Linear 2C→C) and a restoration head (conv 3 → sigmoid, upsampled to the input size); a full-resolution
     restoration head on the last decoder features. Losses (weights 1 except β):
@@ -43,17 +61,26 @@ class PCRLv2(nn.Module):
     dropped.
     """
 
-    kind = "pretrain"
-    partial_graph = True  # the segmentation head of the U-Net is not trained here
+    Options = PCRLv2Options
 
-    def __init__(self, net: nn.Module, locals_per_sample: int = 6, min_iou: float = 0.3) -> None:
-        super().__init__()
-        channels = getattr(net, "channels", None)
-        if not channels or not isinstance(net, UNet | GenesisUNet):
-            raise ValueError("pcrlv2 needs a U-Net (model.name=unet or genesis, preferably model.skip=false)")
-        if locals_per_sample < 1 or not 0.0 <= min_iou < 1.0:
-            raise ValueError("locals_per_sample must be >= 1 and min_iou in [0, 1)")
-        self.net, self.options = net, {"locals_per_sample": locals_per_sample, "min_iou": min_iou}
+    @classmethod
+    def declare(cls, options: PCRLv2Options) -> MethodSpec:
+        from frugalseg.data.pcrl_crops import SubCropSampler
+
+        def sampler(volumes, patch_size, seed, spatial_dims=3, batch_size=4):
+            if batch_size < 2:
+                raise Incompatible("needs data.batch_size >= 2 (its projectors are BatchNorm over the batch)")
+            return SubCropSampler(volumes, spatial_dims, patch_size, batch_size, seed,
+                                  locals_per_sample=options.locals_per_sample, min_iou=options.min_iou)
+
+        # the segmentation head of the U-Net is not trained here
+        return MethodSpec(kind=PRETRAIN, partial_graph=True, sampler=sampler)
+
+    def __init__(self, net: nn.Module, options: PCRLv2Options | None = None) -> None:
+        super().__init__(net, options)
+        if not isinstance(net, UNet | GenesisUNet):
+            raise Incompatible("needs a U-Net (model.name=unet or genesis, preferably model.skip=false)")
+        channels = net.channels
         dims = net.spatial_dims
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         in_ch = next(m for m in net.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)).in_channels  # the image's
@@ -64,14 +91,6 @@ class PCRLv2(nn.Module):
             for c in scales)
         self.masks = nn.ModuleList(conv(c, in_ch, 3, padding=1) for c in scales)
         self.restore = conv(channels[0], in_ch, 1)
-
-    def make_sampler(self, volumes, patch_size, seed, spatial_dims=3, batch_size=4, **_):
-        from frugalseg.data.pcrl_crops import SubCropSampler
-
-        if batch_size < 2:
-            raise ValueError("pcrlv2 needs data.batch_size >= 2 (its projectors are BatchNorm over the batch)")
-
-        return SubCropSampler(volumes, spatial_dims, patch_size, batch_size, seed, **self.options)
 
     def _heads(self, decoded: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         pro = [bn(global_pool(d).float()) for bn, d in zip(self.projectors, decoded)]

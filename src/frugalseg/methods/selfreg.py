@@ -6,17 +6,18 @@ import torch
 import torch.nn as nn
 
 from frugalseg.losses.selfreg import internal_distillation, semantic_consistency
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import TRAIN, Incompatible, Method, StepOutput
 from frugalseg.nn.unet import UNet
 
 
-class SelfRegularised(nn.Module):
+class SelfRegularised(Method):
     """``L = L_method + λ·[mean IFD(encoder) + mean IFD(decoder) + mean SCR(every layer vs the last decoder block)]``.
 
-    Features are read with forward hooks on the U-Net's encoder blocks 2..L and decoder blocks, during the
-    method's own forward pass of ``net`` (the student; EMA teachers are separate modules and are not read), so
-    nothing is computed twice. The first (full-resolution) encoder block is not used, as in the official CNN
-    variant; the last decoder block is the SCR teacher (detached).
+    A regulariser wraps any training method (``selfreg.weight > 0``) and declares what the method declares: same
+    record, same options. Features are read with forward hooks on the U-Net's encoder blocks 2..L and decoder
+    blocks, during the method's own forward pass of ``net`` (the student; EMA teachers are separate modules and
+    are not read), so nothing is computed twice. The first (full-resolution) encoder block is not used, as in the
+    official CNN variant; the last decoder block is the SCR teacher (detached).
 
     Args:
         method: a training method whose ``net`` is the U-Net.
@@ -24,13 +25,16 @@ class SelfRegularised(nn.Module):
         scr_weight, ifd_weight: relative weights of the two terms (paper λ1/λ2 as multiples of λ).
     """
 
-    def __init__(self, method: nn.Module, weight: float = 0.015, scr_weight: float = 1.0, ifd_weight: float = 1.0
+    def __init__(self, method: Method, weight: float = 0.015, scr_weight: float = 1.0, ifd_weight: float = 1.0
                  ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         net = method.net
+        if method.spec.kind != TRAIN:
+            raise Incompatible("SelfReg regularises training methods, not pre-training")
         if not isinstance(net, UNet) or len(net.decoder) < 1:  # hooks the U-Net's encoder and decoder blocks
-            raise ValueError("selfreg needs the U-Net (model.name=unet)")
+            raise Incompatible("selfreg needs the U-Net (model.name=unet)")
         self.inner, self.weight, self.scr_weight, self.ifd_weight = method, weight, scr_weight, ifd_weight
+        self.options, self.spec = method.options, method.spec
         self._enc: list[torch.Tensor] = []
         self._dec: list[torch.Tensor] = []
         self._capture = False
@@ -38,9 +42,6 @@ class SelfRegularised(nn.Module):
             block.register_forward_hook(lambda m, i, o: self._keep(self._enc, o))
         for block in net.decoder:
             block.register_forward_hook(lambda m, i, o: self._keep(self._dec, o))
-        for name in ("sampling", "unlabelled_sampling", "kind", "partial_graph"):
-            if hasattr(method, name):
-                setattr(self, name, getattr(method, name))
 
     @property
     def net(self) -> nn.Module:
@@ -72,6 +73,4 @@ class SelfRegularised(nn.Module):
         return StepOutput(out.loss + reg, logs)
 
     def after_optimizer_step(self, progress: float) -> None:
-        after = getattr(self.inner, "after_optimizer_step", None)
-        if after is not None:
-            after(progress)
+        self.inner.after_optimizer_step(progress)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import TRAIN, Method, MethodSpec, NoOptions, StepOutput
 
 
-class Supervised(nn.Module):
+class Supervised(Method):
     """``L = DiceCE(net(x), y)`` on labelled batches. The pattern every later method follows."""
 
-    needs_labels = True
+    Options = NoOptions
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
+    @classmethod
+    def declare(cls, options: NoOptions) -> MethodSpec:
+        return MethodSpec(kind=TRAIN)
+
+    def __init__(self, net: torch.nn.Module, options: NoOptions | None = None) -> None:
+        super().__init__(net, options)
         self.loss_fn = dice_ce_loss()
 
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:

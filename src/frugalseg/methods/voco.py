@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from frugalseg.losses.voco import base_dissimilarity, overlap_logits, overlap_losses
-from frugalseg.methods.base import StepOutput
+from frugalseg.methods.base import PRETRAIN, Method, MethodSpec, StepOutput
+from frugalseg.methods.options import OptionError, check_momentum, check_positive
 from frugalseg.nn.ema import ema_update, frozen_copy
 from frugalseg.nn.heads import global_pool
 
@@ -19,17 +22,9 @@ def pooled_width(net: nn.Module) -> int:
     return int(net.feature_size * (1 + 1 + 2 + 4 + 8 + 16))  # SwinUNETR: enc0..enc3, hidden3, bottleneck
 
 
-class VoCo(nn.Module):
-    """Each step: ``volumes_per_step`` volumes, each as a grid of base crops plus ``crops`` random crops.
-
-    Embedding = global average pool of every encoder scale, concatenated, then a projection head
-    (Linear-BN-ReLU ×2, Linear; BatchNorm without affine or running statistics, over every crop of the step).
-    ``L = L_pos + L_neg + L_reg`` (weights 1, 1, 1) as the paper and its code. With ``teacher=True`` the
-    official repository's EMA teacher (not in the CVPR paper): predictions are ``½[l(p_s, q_t) + l(p_t, q_s)]``.
-    The kept network is ``net``; head and teacher are dropped.
-
-    Args:
-        net: U-Net or SwinUNETR (``encode(x) -> [features]``).
+@dataclass(frozen=True)
+class VoCoOptions:
+    """Attributes:
         volumes_per_step: volumes per step (official 2); ``data.batch_size`` is not used.
         crops: random crops per volume (official 2).
         grid: bases per in-plane axis; 0 = from the volume size in patches (2-4; official 4).
@@ -38,34 +33,55 @@ class VoCo(nn.Module):
         momentum: the teacher's EMA momentum (official 0.9, parameters only).
     """
 
-    kind = "pretrain"
-    spatial_dims = (3,)
-    partial_graph = True
+    volumes_per_step: int = 2
+    crops: int = 2
+    grid: int = 0
+    hidden: int = 512
+    projection: int = 512
+    teacher: bool = False
+    momentum: float = 0.9
 
-    def __init__(self, net: nn.Module, volumes_per_step: int = 2, crops: int = 2, grid: int = 0, hidden: int = 512,
-                 projection: int = 512, teacher: bool = False, momentum: float = 0.9) -> None:
-        super().__init__()
-        if volumes_per_step < 1 or crops < 1:
-            raise ValueError("volumes_per_step and crops must be at least 1")
-        if grid == 1 or grid < 0:
-            raise ValueError(f"grid must be 0 (automatic) or at least 2, got {grid}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.net, self.momentum = net, momentum
-        self.options = {"volumes_per_step": volumes_per_step, "crops": crops, "grid": grid}
-        width = pooled_width(net)
-        self.head = nn.Sequential(
-            nn.Linear(width, hidden), nn.BatchNorm1d(hidden, affine=False, track_running_stats=False),
-            nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-            nn.BatchNorm1d(hidden, affine=False, track_running_stats=False), nn.ReLU(inplace=True),
-            nn.Linear(hidden, projection))
-        self.teacher_net = frozen_copy(net) if teacher else None
-        self.teacher_head = frozen_copy(self.head) if teacher else None
+    def __post_init__(self) -> None:
+        for name in ("volumes_per_step", "crops", "hidden", "projection"):
+            check_positive(name, getattr(self, name))
+        if self.grid == 1 or self.grid < 0:
+            raise OptionError("grid", f"must be 0 (automatic) or at least 2, got {self.grid}")
+        check_momentum("momentum", self.momentum)
 
-    def make_sampler(self, volumes, patch_size, seed, **_):
+
+class VoCo(Method):
+    """Each step: ``volumes_per_step`` volumes, each as a grid of base crops plus ``crops`` random crops.
+
+    Embedding = global average pool of every encoder scale, concatenated, then a projection head
+    (Linear-BN-ReLU ×2, Linear; BatchNorm without affine or running statistics, over every crop of the step).
+    ``L = L_pos + L_neg + L_reg`` (weights 1, 1, 1) as the paper and its code. With ``teacher=True`` the
+    official repository's EMA teacher (not in the CVPR paper): predictions are ``½[l(p_s, q_t) + l(p_t, q_s)]``.
+    The kept network is ``net``; head and teacher are dropped.
+    """
+
+    Options = VoCoOptions
+
+    @classmethod
+    def declare(cls, options: VoCoOptions) -> MethodSpec:
         from frugalseg.data.voco_crops import VoCoSampler
 
-        return VoCoSampler(volumes, patch_size, seed, **self.options)
+        def sampler(volumes, patch_size, seed, **_):
+            return VoCoSampler(volumes, patch_size, seed, volumes_per_step=options.volumes_per_step,
+                               crops=options.crops, grid=options.grid)
+
+        return MethodSpec(kind=PRETRAIN, spatial_dims=(3,), partial_graph=True, sampler=sampler)
+
+    def __init__(self, net: nn.Module, options: VoCoOptions | None = None) -> None:
+        super().__init__(net, options)
+        o = self.options
+        width = pooled_width(net)
+        self.head = nn.Sequential(
+            nn.Linear(width, o.hidden), nn.BatchNorm1d(o.hidden, affine=False, track_running_stats=False),
+            nn.ReLU(inplace=True), nn.Linear(o.hidden, o.hidden),
+            nn.BatchNorm1d(o.hidden, affine=False, track_running_stats=False), nn.ReLU(inplace=True),
+            nn.Linear(o.hidden, o.projection))
+        self.teacher_net = frozen_copy(net) if o.teacher else None
+        self.teacher_head = frozen_copy(self.head) if o.teacher else None
 
     @staticmethod
     def _embed(net: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,5 +108,5 @@ class VoCo(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
         if self.teacher_net is not None:
-            ema_update(self.teacher_net, self.net, self.momentum)
-            ema_update(self.teacher_head, self.head, self.momentum)
+            ema_update(self.teacher_net, self.net, self.options.momentum)
+            ema_update(self.teacher_head, self.head, self.options.momentum)

@@ -245,7 +245,7 @@ def import_weights(path: Path | str, fmt: str, in_channels: int | None = None
 def write_imported(path: Path | str, fmt: str, out: Path | str, force: bool = False,
                    in_channels: int | None = None) -> ImportReport:
     """``frugalseg import-weights``: convert ``path`` and write ``out`` (refused if it exists, unless ``force``)."""
-    from frugalseg.engine.checkpoint import save_atomic
+    from frugalseg.files import save_atomic
 
     out = Path(out)
     if not Path(path).is_file():

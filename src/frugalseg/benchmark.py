@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from frugalseg.atomic import write_atomic
 from frugalseg.engine.trainer import has_checkpoint
 from frugalseg.errors import UserError
 from frugalseg.eval.plots import pyplot
+from frugalseg.files import write_json_atomic, write_text_atomic
 from frugalseg.recipes import load_recipe, stage_key
+from frugalseg.run import RunRequest, run_stage
 
 MANIFEST = "benchmark.json"
 
@@ -43,15 +44,16 @@ PUBLISHED_ACDC_COMBINATION = ("paper's best combination, proposed init + Mixup",
 
 
 def is_combination(name: str) -> bool:
-    """Whether recipe ``name`` pre-trains, then trains a semi-supervised method (one that samples unlabelled images)."""
-    from frugalseg.registry import METHODS, resolve
+    """Whether recipe ``name`` pre-trains, then ends with a semi-supervised method (one reading unlabelled images)."""
+    from frugalseg.methods.base import PRETRAIN
+    from frugalseg.registry import method_spec
 
     try:
         recipe = load_recipe(name)
     except UserError:  # no longer defined: nothing to compare it with
         return False
-    method = resolve(METHODS, recipe.train.method, "--recipes")
-    return bool(recipe.pretrain) and getattr(method, "unlabelled_sampling", None) is not None
+    pretrains = any(method_spec(st.method, st.overrides.get("method")).kind == PRETRAIN for st in recipe.stages)
+    return pretrains and method_spec(recipe.final.method, recipe.final.overrides.get("method")).unlabelled is not None
 
 
 def _published_row(name: str, values: dict[int, float], ns: list[int]) -> str:
@@ -76,65 +78,65 @@ def parse_list(text: str, option: str, cast=str) -> list:
         raise UserError(f"{option}: cannot read {text!r} as a comma-separated list of {cast.__name__}") from None
 
 
-def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: list[int], out: Path,
+def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: list[int], out: Path,
                   split: str = "val", eval_data: Path | None = None, sets: list[str] | None = None,
                   show_progress: bool = True, report=print) -> list[dict[str, Any]]:
+    from frugalseg.assemble import assemble, declared
     from frugalseg.config import build_config
     from frugalseg.data.readers import open_source
     from frugalseg.engine import distributed as dist
     from frugalseg.eval.evaluate import evaluate_model
     from frugalseg.eval.inference import load_model
-    from frugalseg.registry import build_network
-    from frugalseg.run import check_stage, pretrain, train
+    from frugalseg.methods.base import TRAIN
 
     dist.setup()  # under torchrun every rank trains each stage; rank 0 alone evaluates and writes
     main = dist.is_main()
+    sets = list(sets or [])
     # check everything before writing anything
     loaded = [load_recipe(r) for r in recipes]
     if len(set(recipes)) != len(recipes):
         raise UserError(f"--recipes: a recipe is listed twice ({','.join(recipes)})")
-    if len(set(labeled)) != len(labeled) or len(set(seeds)) != len(seeds):
-        raise UserError("--labeled/--seeds: a value is listed twice")
+    if len(set(labelled)) != len(labelled) or len(set(seeds)) != len(seeds):
+        raise UserError("--labelled/--seeds: a value is listed twice")
     source = open_source(data)
     eval_source = open_source(eval_data) if eval_data is not None else source
     if not eval_source.cases(split):
         raise UserError(f"--split {split}: no labelled case in {eval_source.root}")
     pool = len(source.labelled_pool)
-    for n in labeled:
+    for n in labelled:
         if n < 1 or n > pool:
-            raise UserError(f"--labeled {n}: must be between 1 and the {pool} labelled training volume(s)")
+            raise UserError(f"--labelled {n}: must be between 1 and the {pool} labelled training volume(s)")
     stage_cfgs: dict[str, list] = {}
-    for recipe in loaded:  # every stage's config under --set, and its method built once, before any work
-        for st in [*recipe.pretrain, recipe.train]:
-            cfg = build_config(source.default_spatial_dims, None, sets or [], [st.overrides], source.format,
-                               st.method)
+    reads_labels: dict[str, list[bool]] = {}
+    for recipe in loaded:  # every stage's config under --set, and its stage assembled once, before any work
+        for st in recipe.stages:
+            cfg = build_config(source.default_spatial_dims, None, sets, [st.overrides], source.format, st.method)
             stage_cfgs.setdefault(recipe.name, []).append(cfg)
-            net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
+            reads_labels.setdefault(recipe.name, []).append(declared(st.method, cfg)[2].kind == TRAIN)
             try:
-                check_stage(st.method, cfg, net)
+                assemble(st.method, cfg, source)
             except UserError as exc:
                 raise UserError(f"recipe {recipe.name}, stage {st.method}: {exc}") from None
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: exists and is not a benchmark folder")
-    manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split, "set": sets or []}
+    manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split, "set": sets}
     if (out / MANIFEST).is_file():  # continuing (or extending) a benchmark: the fixed settings must agree
         before = json.loads((out / MANIFEST).read_text())
         for key, option in (("data", "--data"), ("eval_data", "--eval-data"), ("split", "--split"), ("set", "--set")):
             if before.get(key) != manifest[key]:
                 raise UserError(f"--out {out}: this benchmark was started with {option} {before.get(key)!r}, "
                                 f"not {manifest[key]!r} (use another --out)")
-    cells = [(r, n, s) for r in loaded for n in labeled for s in seeds]
-    keys = {r.name: stage_key([*r.pretrain, r.train], list(sets or [])) for r in loaded}
+    cells = [(r, n, s) for r in loaded for n in labelled for s in seeds]
+    keys = {r.name: stage_key(r.stages, sets) for r in loaded}
+
+    def where(recipe, i: int, n: int, s: int) -> Path:
+        return stage_dir(out, recipe, i, n, s, sets, reads_labels[recipe.name])
+
     for recipe, n, s in cells:  # a run made under another definition of its recipe is never reused silently
-        runs = [(chain_dir(out, recipe, s, sets, upto=i + 1), i) for i in range(len(recipe.pretrain))]
-        runs.append((out / "runs" / recipe.name / f"n{n}_s{s}", len(recipe.pretrain)))
-        for run_dir, i in runs:  # each stage's run: its configuration and the weights it started from
-            init = chain_dir(out, recipe, s, sets, upto=i) / "model.pt" if i else None
+        for i in range(len(recipe.stages)):  # each stage's run: its configuration and the weights it started from
+            run_dir = where(recipe, i, n, s)
+            init = where(recipe, i - 1, n, s) / "model.pt" if i else None
             changed = _started_otherwise(run_dir, stage_cfgs[recipe.name][i], init)
             done = run_dir / "cell.json"
             if done.is_file():
@@ -148,66 +150,85 @@ def run_benchmark(data: Path, recipes: list[str], labeled: list[int], seeds: lis
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
-        _write_text(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labeled": labeled, "seeds": seeds},
-                                               indent=1))
+        write_text_atomic(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labelled": labelled,
+                                                      "seeds": seeds}, indent=1))
     dist.barrier()
 
-    stages = {chain_dir(out, r, s, sets, upto=i + 1) for r in loaded for s in seeds for i in range(len(r.pretrain))}
+    earlier = {where(r, i, n, s) for r, n, s in cells for i in range(len(r.stages) - 1)}
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(cells) + len(stages), desc="benchmark",
+    bar = tqdm(total=len(cells) + len(earlier), desc="benchmark",
                disable=None if show_progress and main else True, unit="job")
     visited: set[Path] = set()
     for recipe, n, s in cells:
-        cell_dir = out / "runs" / recipe.name / f"n{n}_s{s}"
+        cell_dir = where(recipe, len(recipe.stages) - 1, n, s)
         done = cell_dir / "cell.json"
         init, pre_seconds = None, 0.0
-        for i, st in enumerate(recipe.pretrain):  # each chain runs once per seed, shared by every N and recipe
-            stage_dir = chain_dir(out, recipe, s, sets, upto=i + 1)
-            if not done.is_file() and _finished(stage_dir) is None:
-                bar.set_postfix(job=f"pre-train {st.method} seed={s}")
-                _run_stage(stage_dir, pretrain, source.root, st.method, s, init=init, sets=list(sets or []),
-                           extra_config=[st.overrides] if st.overrides else None, show_progress=False,
-                           report=report)
-            if stage_dir not in visited:
-                visited.add(stage_dir)
+        for i, st in enumerate(recipe.stages[:-1]):  # a chain of pre-trainings runs once per seed, shared
+            run_dir = where(recipe, i, n, s)
+            if not done.is_file() and _finished(run_dir) is None:
+                bar.set_postfix(job=f"{st.method} seed={s}" + (f" N={n}" if reads_labels[recipe.name][i] else ""))
+                _run_stage(run_dir, RunRequest(source.root, st.method, s, run_dir,
+                                               n if reads_labels[recipe.name][i] else None, init, None, sets,
+                                               [st.overrides] if st.overrides else []), report)
+            if run_dir not in visited:
+                visited.add(run_dir)
                 bar.update(1)
-            init = stage_dir / "model.pt"
-            pre_seconds += _finished(stage_dir) or 0.0
+            init = run_dir / "model.pt"
+            pre_seconds += _finished(run_dir) or 0.0
         bar.set_postfix(job=f"{recipe.name} N={n} seed={s}")
         if done.is_file():
             rows.append(_cell_row(done))
             bar.update(1)
             continue
         t0 = time.perf_counter()
-        _run_stage(cell_dir, train, source.root, recipe.train.method, n, s, init=init, sets=list(sets or []),
-                   extra_config=[recipe.train.overrides] if recipe.train.overrides else None, show_progress=False,
-                   report=report)
+        final = recipe.final
+        _run_stage(cell_dir, RunRequest(source.root, final.method, s, cell_dir, n, init, None, sets,
+                                        [final.overrides] if final.overrides else []), report)
         if not main:  # evaluation is rank 0's; the others wait for its result (no collective: no time limit)
             while not done.is_file():
                 time.sleep(1.0)
             rows.append(_cell_row(done))
             continue
         results, _ = evaluate_model(load_model(cell_dir), eval_source.root, split, show_progress=False)
-        _write_text(cell_dir / f"eval_{split}.json", json.dumps(results, indent=1))
+        write_json_atomic(results, cell_dir / f"eval_{split}.json")
         wall = time.perf_counter() - t0  # this invocation's training (or its resumed part) and evaluation
-        row = {"recipe": recipe.name, "labeled": n, "seed": s, "split": split,
+        row = {"recipe": recipe.name, "labelled": n, "seed": s, "split": split,
                "mean_dice": results["mean_dice"], **{f"dice_{k}": v for k, v in results["per_class_dice"].items()},
                "mean_hd95": results["mean_hd95"], "train_seconds": _finished(cell_dir),
                "pretrain_seconds": pre_seconds, "wall_seconds": wall}
-        _write_text(done, json.dumps({**row, "recipe_key": keys[recipe.name]}, indent=1))
+        write_json_atomic({**row, "recipe_key": keys[recipe.name]}, done)
         rows.append(row)
         bar.update(1)
     bar.close()
     if not main:
         return rows
     write_outputs(rows, out, eval_source.format, eval_source.class_names)
-    plot_overlays(out, loaded, labeled, seeds, eval_source, split)
+    plot_overlays(out, loaded, labelled, seeds, eval_source, split)
     return rows
 
 
+def stage_dir(out: Path, recipe, i: int, n: int, seed: int, sets: list[str], reads_labels: list[bool]) -> Path:
+    """Where stage ``i`` of ``recipe`` runs for N = ``n`` and ``seed``.
+
+    The last stage is the benchmark cell (``runs/<recipe>/n<N>_s<seed>``). An earlier stage is shared by every
+    recipe that starts with the same stages: by every N too while no stage up to it reads labels
+    (``pretrain/<chain>/s<seed>``), else per N (``chain/<chain>/n<N>_s<seed>``).
+    """
+    if i == len(recipe.stages) - 1:
+        return out / "runs" / recipe.name / f"n{n}_s{seed}"
+    key = stage_key(recipe.stages[: i + 1], sets)
+    if any(reads_labels[: i + 1]):
+        return out / "chain" / key / f"n{n}_s{seed}"
+    return out / "pretrain" / key / f"s{seed}"
+
+
 def _cell_row(done: Path) -> dict[str, Any]:
-    """A finished cell's results row (its recipe's definition hash stays in the cell, not in the table)."""
-    return {k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"}
+    """A finished cell's results row (its recipe's definition hash stays in the cell, not in the table); cells
+    written before ``labelled`` was spelled so are read under the new key."""
+    row = {k: v for k, v in json.loads(done.read_text()).items() if k != "recipe_key"}
+    if "labeled" in row:
+        row = {("labelled" if k == "labeled" else k): v for k, v in row.items()}
+    return row
 
 
 def _started_otherwise(cell_dir: Path, cfg, init: Path | None) -> bool:
@@ -231,12 +252,6 @@ def _started_otherwise(cell_dir: Path, cfg, init: Path | None) -> bool:
     return started != cfg
 
 
-def chain_dir(out: Path, recipe, seed: int, sets: list[str] | None, upto: int | None = None) -> Path:
-    """Where the pre-training chain ``recipe.pretrain[:upto]`` (default: all of it) of ``seed`` is written."""
-    stages = recipe.pretrain[: len(recipe.pretrain) if upto is None else upto]
-    return out / "pretrain" / stage_key(stages, list(sets or [])) / f"s{seed}"
-
-
 def _finished(run_dir: Path) -> float | None:
     """The training seconds of a finished run in ``run_dir``, ``None`` when it has not finished."""
     try:
@@ -248,21 +263,21 @@ def _finished(run_dir: Path) -> float | None:
     return None
 
 
-def _run_stage(run_dir: Path, start, *args, **kwargs) -> None:
-    """``start(*args, run_dir, resume=..., **kwargs)`` unless it already finished; resumed when it checkpointed."""
+def _run_stage(run_dir: Path, req: RunRequest, report) -> None:
+    """Run ``req`` unless it already finished; resumed when it checkpointed."""
     if _finished(run_dir) is not None:
         return
     from frugalseg.engine import distributed as dist
 
-    resume = (run_dir / "run.json").is_file() and has_checkpoint(run_dir)
+    req.resume = (run_dir / "run.json").is_file() and has_checkpoint(run_dir)
     dist.barrier()  # every rank has decided before rank 0 touches the folder
-    if not resume and run_dir.exists() and dist.is_main():
+    if not req.resume and run_dir.exists() and dist.is_main():
         shutil.rmtree(run_dir)  # an unfinished run of this benchmark that never checkpointed
     dist.barrier()
-    start(*args, run_dir, resume=resume, **kwargs)
+    run_stage(req, show_progress=False, report=report)
 
 
-def plot_overlays(out: Path, recipes, labeled: list[int], seeds: list[int], eval_source, split: str) -> None:
+def plot_overlays(out: Path, recipes, labelled: list[int], seeds: list[int], eval_source, split: str) -> None:
     """One validation case, predicted by each recipe's model at the largest N and first seed."""
     from frugalseg.eval.inference import load_model, segment
     from frugalseg.eval.plots import overlay
@@ -270,8 +285,8 @@ def plot_overlays(out: Path, recipes, labeled: list[int], seeds: list[int], eval
     vol = eval_source.load(eval_source.cases(split)[0])
     items = []
     for recipe in recipes:
-        model = load_model(out / "runs" / recipe.name / f"n{max(labeled)}_s{seeds[0]}")
-        items.append((f"{recipe.name}, N={max(labeled)}", vol, segment(model, vol)))
+        model = load_model(out / "runs" / recipe.name / f"n{max(labelled)}_s{seeds[0]}")
+        items.append((f"{recipe.name}, N={max(labelled)}", vol, segment(model, vol)))
     overlay(items, out / "overlays.png", eval_source.class_names)
 
 
@@ -297,17 +312,18 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, data_format: str, class
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(out / "results.csv", buf.getvalue())
-    _write_text(out / "report.md", report_markdown(rows, data_format, class_names))
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "report.md", report_markdown(rows, data_format, class_names))
     plot_dice_vs_labels(rows, out / "dice_vs_labels.png")
     plot_per_class(rows, out / "per_class_dice.png", class_names)
 
 
 def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: list[str]) -> str:
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
-    ns = sorted({r["labeled"] for r in rows})
-    by = {(r["recipe"], r["labeled"]): [x for x in rows if x["recipe"] == r["recipe"] and x["labeled"] == r["labeled"]]
-          for r in rows}
+    ns = sorted({r["labelled"] for r in rows})
+    by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["recipe"], r["labelled"]), []).append(r)
     lines = [f"# Few-label benchmark ({rows[0]['split']} split)", "",
              "Mean foreground Dice, mean ± sd over seeds (sd with n − 1).", "",
              "| recipe | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
@@ -338,12 +354,12 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
             xs = by[(rec, n)]
             lines.append(f"| {rec} | {n} | " + " | ".join(f"{np.mean([x[f'dice_{k}'] for x in xs]):.3f}" for k in fg)
                          + f" | {np.mean([x['mean_hd95'] for x in xs]):.1f} |")
-    lines += ["", "Compute per run on this machine (seconds; pre-training is shared by every N of a seed):", "",
-              "| recipe | pre-training per seed | training per cell (mean) |", "|---|---|---|"]
+    lines += ["", "Compute per run on this machine (seconds, mean over cells; a chain of pre-training stages is "
+              "shared by every N of a seed):", "",
+              "| recipe | stages before the last | last stage |", "|---|---|---|"]
     for rec in recipes:
         xs = [x for x in rows if x["recipe"] == rec]
-        per_seed = {x["seed"]: float(x.get("pretrain_seconds") or 0.0) for x in xs}
-        lines.append(f"| {rec} | {np.mean(list(per_seed.values())):.0f} | "
+        lines.append(f"| {rec} | {np.mean([float(x.get('pretrain_seconds') or 0.0) for x in xs]):.0f} | "
                      f"{np.mean([float(x['train_seconds'] or 0.0) for x in xs]):.0f} |")
     if data_format == "ssl4mis_h5":
         lines += ["", "Published (ACDC, mean foreground Dice):", "",
@@ -361,8 +377,8 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for rec in dict.fromkeys(r["recipe"] for r in rows):
-        ns = sorted({r["labeled"] for r in rows if r["recipe"] == rec})
-        stats = [_stats([r["mean_dice"] for r in rows if r["recipe"] == rec and r["labeled"] == n]) for n in ns]
+        ns = sorted({r["labelled"] for r in rows if r["recipe"] == rec})
+        stats = [_stats([r["mean_dice"] for r in rows if r["recipe"] == rec and r["labelled"] == n]) for n in ns]
         ax.errorbar(ns, [m for m, _ in stats], yerr=[0.0 if np.isnan(s) else s for _, s in stats], marker="o",
                     capsize=3, label=rec)
     ax.set_xscale("log", base=2)
@@ -378,11 +394,11 @@ def plot_dice_vs_labels(rows: list[dict[str, Any]], path: Path) -> None:
 def plot_per_class(rows: list[dict[str, Any]], path: Path, class_names: list[str]) -> None:
     plt = pyplot()
     fg = class_names[1:]
-    keys = list(dict.fromkeys((r["recipe"], r["labeled"]) for r in rows))
+    keys = list(dict.fromkeys((r["recipe"], r["labelled"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(5.5, 1.2 * len(keys)), 3.8))
     width = 0.8 / len(fg)
     for j, k in enumerate(fg):
-        vals = [np.mean([r[f"dice_{k}"] for r in rows if (r["recipe"], r["labeled"]) == key]) for key in keys]
+        vals = [np.mean([r[f"dice_{k}"] for r in rows if (r["recipe"], r["labelled"]) == key]) for key in keys]
         ax.bar(np.arange(len(keys)) + j * width, vals, width, label=k)
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [f"{r}\nN={n}" for r, n in keys])
     ax.set_ylabel("Dice")

@@ -19,25 +19,11 @@ from pathlib import Path
 
 import torch
 
+from frugalseg.hardware import native_bf16
+
 # a convolution large enough that its arithmetic dominates overheads (what "peak" is measured on)
 PEAK_CONV_2D = {"input": (8, 128, 64, 64), "out_channels": 128}
 PEAK_CONV_3D = {"input": (2, 64, 32, 32, 32), "out_channels": 64}
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags the kernel reports (empty when unknown)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def conv_throughput(shape: tuple[int, ...], out_channels: int, dtype: torch.dtype, repeats: int = 5) -> float:
@@ -83,49 +69,42 @@ def step_flops(module: torch.nn.Module, batch: dict, bf16: bool) -> int:
 
 def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8, warmup: int = 2,
                    sets: list[str] | None = None, threads: int = 0) -> dict:
-    """Median wall time of ``steps`` optimiser steps of the default config on synthetic phantoms."""
+    """Median wall time of ``steps`` optimiser steps of the default config on synthetic phantoms: the stage is
+    assembled as ``train`` / ``pretrain`` assemble it (SelfReg included when ``--set selfreg.weight`` asks for
+    it) and each step is the one :func:`~frugalseg.engine.trainer.fit` runs."""
+    from frugalseg.assemble import assemble
     from frugalseg.config import build_config
-    from frugalseg.data.preprocess import Preprocessor
     from frugalseg.data.readers import open_source
-    from frugalseg.data.sampling import method_sampler
+    from frugalseg.data.splits import few_label_split, pretrain_split
     from frugalseg.data.synthetic import write_phantoms
-    from frugalseg.engine.optim import build_optimizer
+    from frugalseg.engine.optim import build_optimizer, build_scheduler
     from frugalseg.engine.repro import set_threads
-    from frugalseg.engine.trainer import set_memory_format, to_device
-    from frugalseg.registry import build_method, build_network, method_kind
+    from frugalseg.engine.trainer import StepRunner, set_memory_format, to_device
+    from frugalseg.methods.base import PRETRAIN
 
     set_threads(threads)
     cfg = build_config(spatial_dims, None, sets or [], method=method)
+    device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         src = open_source(write_phantoms(Path(tmp), spatial_dims, n_train=3, n_val=0, n_test=0))
-        vols = [Preprocessor()(src.load(c)) for c in src.cases("train")]
-    pretrain = method_kind(method) == "pretrain"
-    if pretrain:
-        vols = [v.without_label() for v in vols]
-    net = build_network(cfg.model, spatial_dims, 1, src.num_classes)
-    module = build_method(method, net, cfg.method)
-    sampler = method_sampler(module, vols, vols, spatial_dims, cfg.data.patch_size, cfg.data.batch_size, 0,
-                             cfg.data.foreground_oversample, cfg.data.augment)
+        probe = assemble(method, cfg, src)  # the record, before reading anything
+        split = pretrain_split(src) if probe.spec.kind == PRETRAIN else few_label_split(src, len(src.labelled_pool), 0)
+        stage = assemble(method, cfg, src, split, seed=0)
+    module, sampler = stage.module, stage.sampler
+    module.to(device)
     set_memory_format(module, cfg.train.channels_last)
     opt = build_optimizer(module.parameters(), cfg.optim)
-    device = torch.device("cpu")
+    sched = build_scheduler(opt, warmup + steps, cfg.optim)
     flops = step_flops(module, to_device(sampler.batch(0), device, cfg.train.channels_last), cfg.train.bf16)
+    runner = StepRunner(module, sampler.batch, opt, sched, cfg.train, device)
+    module.train()
     step_times, data_times = [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        batch = to_device(sampler.batch(i), device, cfg.train.channels_last)
-        t1 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
-            loss = module.training_step(batch, i / (warmup + steps)).loss.float()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if hasattr(module, "after_optimizer_step"):
-            module.after_optimizer_step(i / (warmup + steps))
-        t2 = time.perf_counter()
+        result = runner(i, i / (warmup + steps))
         if i >= warmup:
-            step_times.append(t2 - t0)
-            data_times.append(t1 - t0)
+            step_times.append(time.perf_counter() - t0)
+            data_times.append(result.data_seconds)
     med = statistics.median(step_times)
     return {
         "config": f"default-{spatial_dims}d", "method": method, "patch": list(cfg.data.patch_size),
@@ -157,14 +136,14 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
     ``sets`` are ``--set`` overrides applied to every config (e.g. ``train.bf16=true``).
     """
     from frugalseg.engine.repro import set_threads
-    from frugalseg.registry import METHODS, resolve
+    from frugalseg.registry import METHODS, method_spec
 
     threads = set_threads(0)
     peak = _in_fresh_process(_peak_job, threads)
     runs = []
     for method in methods or list(METHODS):
         for d in dims:
-            if d not in getattr(resolve(METHODS, method, "--methods"), "spatial_dims", (2, 3)):
+            if d not in method_spec(method, None, "--methods").spatial_dims:
                 continue
             if progress is not None:
                 progress(f"profiling {method} {d}-D")

@@ -1,0 +1,41 @@
+"""What this machine offers: the device to run on, and whether its CPU multiplies bf16 in hardware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from frugalseg.errors import UserError
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty when unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and slow."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def pick_device(choice: str = "auto"):
+    """``auto`` (the first CUDA GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:i``."""
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" or (choice.startswith("cuda:") and choice[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {choice}: no CUDA GPU is available here")
+        index = int(choice[5:]) if ":" in choice else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {choice}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+        return torch.device(choice)
+    raise UserError(f"--device {choice!r}: expected auto, cpu, cuda or cuda:<index>")
