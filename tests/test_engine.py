@@ -142,3 +142,39 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="training diverged"):
         fit(method, nan_batches, opt, sched, cfg.train, tmp_path, torch.device("cpu"), show_progress=False)
+
+
+def test_validation_along_the_way_is_logged_changes_nothing_and_keeps_the_best(phantoms_2d, tmp_path):
+    from frugalseg.eval.inference import load_model
+    from frugalseg.run import train
+
+    sets = ["train.steps=6", "train.log_every=2", "train.checkpoint_every=3", "data.batch_size=2",
+            "model.channels=[4,8,16]", "data.spatial_dims=2", "data.patch_size=[32,32]", "optim.warmup_steps=2"]
+    train(phantoms_2d, "supervised", 2, 0, tmp_path / "plain", sets=sets, show_progress=False)
+    train(phantoms_2d, "supervised", 2, 0, tmp_path / "val", sets=[*sets, "train.val_every=2"], show_progress=False)
+    train(phantoms_2d, "supervised", 2, 0, tmp_path / "best", sets=[*sets, "train.val_every=2", "train.keep=best"],
+          show_progress=False)
+    plain = load_checkpoint(tmp_path / "plain" / "model.pt")["network"]
+    validated = load_checkpoint(tmp_path / "val" / "model.pt")["network"]
+    for key in plain:  # validating draws no random number and updates no statistic
+        assert torch.equal(plain[key], validated[key]), key
+    log = [json.loads(line) for line in (tmp_path / "best" / "log.jsonl").read_text().splitlines()]
+    vals = [e for e in log if "val_dice" in e]
+    assert [e["step"] for e in vals] == [2, 4, 6] and all(0.0 <= e["val_dice"] <= 1.0 for e in vals)
+    best = max(vals, key=lambda e: e["val_dice"])
+    kept = json.loads((tmp_path / "best" / "run.json").read_text())["kept"]
+    assert kept == {"step": best["step"], "val_dice": pytest.approx(best["val_dice"])}
+    model = load_model(tmp_path / "best", torch.device("cpu"))
+    from frugalseg.data.readers import open_source
+    from frugalseg.eval.evaluate import validator
+
+    score = validator(model.net, model.cfg, open_source(phantoms_2d), torch.device("cpu"))()["val_dice"]
+    assert score == pytest.approx(best["val_dice"], abs=1e-9)  # model.pt holds the best weights
+    assert (tmp_path / "best" / "learning_curve.png").stat().st_size > 0
+
+
+def test_keep_best_without_validation_is_refused():
+    from frugalseg.config import build_config
+
+    with pytest.raises(UserError, match="config key 'train.keep': best needs validation along the way"):
+        build_config(2, None, ["train.keep=best"])

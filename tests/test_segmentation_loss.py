@@ -32,3 +32,77 @@ def test_dice_ce_known_value():
     wrong = torch.tensor([[[[0, 0]]]])  # class 1 absent, predicted on one pixel; class 0 half covered
     # Dice_0 = 2*1/(2+1), Dice_1 = (0 + s)/(0 + 1 + s) ~ 0; CE = (0 + 20)/2 = 10
     assert DiceCE()(logits, wrong).item() == pytest.approx(1 - (2 / 3 + 0) / 2 + 10.0, abs=1e-4)
+
+
+def test_masked_dice_on_hand_computed_values():
+    from frugalseg.losses.segmentation import masked_dice_loss
+
+    # 1 sample, 2 classes, 4 voxels; the mask keeps voxels 0..2
+    prob = torch.tensor([[[0.9, 0.2, 0.5, 0.0], [0.1, 0.8, 0.5, 1.0]]]).view(1, 2, 1, 4)
+    label = torch.tensor([[0, 1, 1, 0]]).view(1, 1, 4)
+    mask = torch.tensor([[True, True, True, False]]).view(1, 1, 4)
+    s = 1e-5
+    # class 0: inter 0.9, sum g 1, sum p^2 0.81+0.04+0.25 = 1.10; class 1: inter 0.8+0.5, g 2, p^2 0.01+0.64+0.25
+    d0 = (2 * 0.9 + s) / (1 + 1.10 + s)
+    d1 = (2 * 1.3 + s) / (2 + 0.90 + s)
+    assert masked_dice_loss(prob, label, mask).item() == pytest.approx(1 - (d0 + d1) / 2, abs=1e-6)
+    # without a mask the last voxel counts: class 0 gains g 1, class 1 gains p^2 1
+    d0 = (2 * 0.9 + s) / (2 + 1.10 + s)
+    d1 = (2 * 1.3 + s) / (2 + 1.90 + s)
+    assert masked_dice_loss(prob, label).item() == pytest.approx(1 - (d0 + d1) / 2, abs=1e-6)
+    # nothing kept: every class is s/s = 1, the loss 0, and no gradient flows
+    p = prob.clone().requires_grad_()
+    loss = masked_dice_loss(p, label, torch.zeros_like(mask))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and p.grad.abs().max() == 0
+
+
+def test_masked_cross_entropy_averages_over_the_kept_voxels_only():
+    from frugalseg.losses.segmentation import masked_cross_entropy
+
+    logits = torch.tensor([[[0.0, 2.0], [1.0, 0.0]]]).view(1, 2, 1, 2)  # voxel 0: (0, 1); voxel 1: (2, 0)
+    label = torch.tensor([[1, 1]]).view(1, 1, 2)
+    ce0 = -torch.log_softmax(torch.tensor([0.0, 1.0]), 0)[1]
+    ce1 = -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[1]
+    mask = torch.tensor([[True, False]]).view(1, 1, 2)
+    assert masked_cross_entropy(logits, label, mask).item() == pytest.approx(ce0.item(), abs=1e-6)
+    assert masked_cross_entropy(logits, label).item() == pytest.approx((ce0 + ce1).item() / 2, abs=1e-6)
+    assert masked_cross_entropy(logits, label, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_mixed_region_loss_weights_each_region_against_its_own_labels():
+    from frugalseg.losses.segmentation import masked_cross_entropy, masked_dice_loss, mixed_region_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    outside, inside = torch.randint(0, 3, (2, 8, 8)), torch.randint(0, 3, (2, 8, 8))
+    box = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box[:, 2:6, 1:5] = True
+    dice, ce = mixed_region_loss(logits, outside, inside, box, 0.5, 1.0)
+    prob = logits.softmax(1)
+    assert dice.item() == pytest.approx(0.5 * masked_dice_loss(prob, outside, ~box).item()
+                                        + masked_dice_loss(prob, inside, box).item(), abs=1e-6)
+    assert ce.item() == pytest.approx(0.5 * masked_cross_entropy(logits, outside, ~box).item()
+                                      + masked_cross_entropy(logits, inside, box).item(), abs=1e-6)
+    # labels that agree everywhere with the prediction inside the box: only the outside region costs
+    inside = logits.argmax(1)
+    perfect = torch.full_like(logits, -20.0).scatter(1, inside[:, None], 20.0)
+    dice, ce = mixed_region_loss(perfect, outside, inside, box, 0.0, 1.0)
+    assert dice.item() == pytest.approx(0.0, abs=1e-4) and ce.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_largest_component_and_confident_hard_labels():
+    from frugalseg.losses.pseudo_labels import hard_labels, largest_components
+
+    label = torch.zeros(1, 6, 6, dtype=torch.long)
+    label[0, 0:2, 0:2] = 1  # 4 voxels
+    label[0, 4:6, 3:6] = 1  # 6 voxels: the largest class-1 component
+    label[0, 3, 0] = 2  # a lone class-2 voxel: its own largest component
+    kept = largest_components(label, 3)
+    assert (kept[0, 0:2, 0:2] == 0).all() and (kept[0, 4:6, 3:6] == 1).all() and kept[0, 3, 0] == 2
+    assert (kept == 1).sum() == 6
+    logits = torch.tensor([[[[3.0, 0.0]], [[0.0, 0.1]]]])  # (1, 2 classes, 1, 2)
+    lab, conf = hard_labels(logits)
+    assert lab.tolist() == [[[0, 1]]]
+    assert conf[0, 0, 0].item() == pytest.approx(torch.softmax(torch.tensor([3.0, 0.0]), 0)[0].item())
+    assert conf[0, 0, 1].item() == pytest.approx(torch.softmax(torch.tensor([0.0, 0.1]), 0)[1].item())

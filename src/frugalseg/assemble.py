@@ -40,6 +40,8 @@ def declared(method: str, cfg: Config, option: str = "--method") -> tuple[type, 
 def check_spec(method: str, spec: MethodSpec, cfg: Config, size_divisor: int = 1) -> None:
     """Refuse a configuration the record rules out, in one line naming the option to change."""
     dims = cfg.data.spatial_dims
+    if cfg.data.batch_size < spec.min_batch_size:
+        raise UserError(f"--method {method}: needs data.batch_size >= {spec.min_batch_size}, got {cfg.data.batch_size}")
     if dims not in spec.spatial_dims:
         allowed = spec.spatial_dims
         raise UserError(f"--method {method}: works on {'/'.join(map(str, allowed))}-D data only "

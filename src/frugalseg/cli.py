@@ -101,7 +101,7 @@ def _out(message: str) -> None:
 
 def _first_sentence(doc: str) -> str:
     """The first sentence of a docstring, however it is wrapped."""
-    text = " ".join(doc.split())
+    text = " ".join(doc.replace("``", "`").split())
     end = text.find(". ")
     return text if end < 0 else text[: end + 1]
 
@@ -295,8 +295,10 @@ def recipes() -> None:
     """List the recipes in configs/recipes."""
     from frugalseg.recipes import available, load_recipe
 
-    for name in available():
-        typer.echo(f"{name:<20} {load_recipe(name).description}")
+    names = available()
+    width = max((len(n) for n in names), default=0) + 1
+    for name in names:
+        typer.echo(f"{name:<{width}} {load_recipe(name).description}")
 
 
 @app.command()
@@ -306,6 +308,7 @@ def profile(
     steps: int = typer.Option(8, "--steps", help="Timed steps per config (after 2 warm-up steps)."),
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    dims: str = typer.Option("2,3", "--dims", help="Which default configs: 2, 3 or 2,3."),
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Step time, samples/s, data wait, peak RSS and FLOP/s vs this machine's peak, per method, 2-D and 3-D.
@@ -320,14 +323,17 @@ def profile(
     from frugalseg.registry import METHODS
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(METHODS)
+    which = tuple(int(d) for d in dims.split(",") if d.strip() in ("2", "3"))
+    if not which or len(which) != len([d for d in dims.split(",") if d.strip()]):
+        raise UserError(f"--dims {dims!r}: expected 2, 3 or 2,3")
     for m in chosen:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
-        for dims in (2, 3):
-            build_config(dims, None, set_ or [], method=m)  # a bad --set fails here, before any profiling
+        for d in which:
+            build_config(d, None, set_ or [], method=m)  # a bad --set fails here, before any profiling
     if out is not None and out.exists() and not force:
         raise UserError(f"--out {out}: exists (add --force to overwrite)")
-    result = profile_all(steps, chosen, progress=_say, sets=set_ or [])
+    result = profile_all(steps, chosen, dims=which, progress=_say, sets=set_ or [])
     typer.echo(format_table(result))
     if out is not None:
         try:

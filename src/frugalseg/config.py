@@ -44,6 +44,12 @@ class AugmentConfig:
     contrast: list[float] = field(default_factory=lambda: [0.75, 1.25])
     noise_std: float = 0.05
     probability: float = 0.8
+    # the strong views of semi-supervised methods (UniMatch's colour jitter and blur, on grey images)
+    strong_probability: float = 0.8
+    strong_brightness: float = 0.5
+    strong_contrast: float = 0.5
+    blur_probability: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
 
 @dataclass
@@ -102,6 +108,10 @@ class TrainConfig:
     checkpoint_every: int = 250
     num_threads: int = 0
     deterministic: bool = False
+    # mean Dice on the validation split every K steps (0 = never), logged and plotted beside the loss; which
+    # weights become model.pt: the last (default: what a benchmark reports) or the best on validation
+    val_every: int = 0
+    keep: str = "last"
 
 
 @dataclass
@@ -347,6 +357,7 @@ _CHOICES = {
     "model.init_parts": ("all", "encoder"),
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "poly", "constant"),
+    "train.keep": ("last", "best"),
 }
 
 
@@ -358,6 +369,7 @@ def validate(cfg: Config) -> None:
         "model.init_parts": cfg.model.init_parts,
         "optim.name": cfg.optim.name,
         "optim.schedule": cfg.optim.schedule,
+        "train.keep": cfg.train.keep,
     }
     for key, value in values.items():
         if value not in _CHOICES[key]:
@@ -377,6 +389,10 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "optim.lr": cfg.optim.lr,
     }
+    if cfg.train.val_every < 0:
+        raise UserError(f"config key 'train.val_every' must be 0 (off) or positive, got {cfg.train.val_every}")
+    if cfg.train.keep == "best" and cfg.train.val_every == 0:
+        raise UserError("config key 'train.keep': best needs validation along the way (set train.val_every)")
     if cfg.selfreg.weight < 0:
         raise UserError(f"config key 'selfreg.weight' must be 0 (off) or positive, got {cfg.selfreg.weight}")
     for key, value in positive.items():

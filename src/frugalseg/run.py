@@ -86,9 +86,9 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
     from frugalseg.engine.optim import build_optimizer, build_scheduler
     from frugalseg.engine.repro import seed_everything, set_threads
     from frugalseg.engine.tracking import read_log
-    from frugalseg.engine.trainer import fit, has_checkpoint
+    from frugalseg.engine.trainer import BEST, fit, has_checkpoint
     from frugalseg.eval.inference import MODEL_FILE
-    from frugalseg.files import save_atomic, write_json_atomic
+    from frugalseg.files import load_checkpoint, save_atomic, write_json_atomic
     from frugalseg.methods.base import PRETRAIN
     from frugalseg.registry import method_class
 
@@ -155,8 +155,14 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
     optimizer = build_optimizer(module.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
     what = "pre-training" if labelled is None else f"N={labelled}"
+    validate = None
+    if cfg.train.val_every > 0 and main:
+        from frugalseg.eval.evaluate import validator
+
+        validate = validator(module.net, cfg, source, device)
     result = fit(module, stage.sampler.batch, optimizer, scheduler, cfg.train, out, device, resume=req.resume,
-                 show_progress=show_progress, description=f"{method} {what} seed={seed}", notify=report)
+                 show_progress=show_progress, description=f"{method} {what} seed={seed}", notify=report,
+                 validate=validate)
     summary = {"run_dir": str(out), "steps": result.steps, "seconds": 0.0, "final_loss": result.last_loss,
                "labelled_cases": split["labelled_cases"]}
     if not main:
@@ -164,7 +170,12 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
         return summary
     net_state = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
     model_meta = {"config": cfg.to_dict(), "class_names": source.class_names, "in_channels": source.in_channels,
-                  "method": method}
+                  "method": method, "kept": "last"}
+    if cfg.train.keep == "best" and (out / BEST).is_file():  # the weights of the best validation score
+        best = load_checkpoint(out / BEST)
+        net_state = best["network"]
+        model_meta.update(kept="best", kept_step=int(best["step"]), kept_val_dice=float(best["val_dice"]))
+        meta["kept"] = {"step": int(best["step"]), "val_dice": float(best["val_dice"])}
     save_atomic({"network": net_state, "meta": json.dumps(model_meta)}, out / MODEL_FILE)
     meta["status"] = "finished"
     meta["train_seconds"] = result.seconds  # across resumes (each invocation up to its last checkpoint)

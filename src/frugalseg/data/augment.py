@@ -100,3 +100,56 @@ def apply_intensity(image: torch.Tensor, params: dict[str, torch.Tensor], gen: t
     image = image + params["brightness"].view(shape)
     noise = torch.randn(image.shape, generator=gen) * params["noise_std"].view(shape)
     return image + noise
+
+
+def draw_strong(batch: int, cfg: AugmentConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Parameters of a strong view (UniMatch: colour jitter with p 0.8, Gaussian blur with p 0.5): brightness and
+    contrast factors in ``1 ± strength`` and a blur sigma in pixels (0 = no blur)."""
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(batch, generator=gen)
+
+    jitter = torch.rand(batch, generator=gen) < cfg.strong_probability
+    blur = torch.rand(batch, generator=gen) < cfg.blur_probability
+    b, c = cfg.strong_brightness, cfg.strong_contrast
+    return {
+        "brightness": torch.where(jitter, uniform(1 - b, 1 + b), torch.ones(batch)),
+        "contrast": torch.where(jitter, uniform(1 - c, 1 + c), torch.ones(batch)),
+        "sigma": torch.where(blur, uniform(*cfg.blur_sigma), torch.zeros(batch)),
+    }
+
+
+def apply_strong(image: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Brightness (a factor on the intensity above the sample's minimum, as colour jitter scales a [0, 1] image
+    whose background is black), then contrast around the sample mean, then a Gaussian blur of per-sample sigma."""
+    b = image.shape[0]
+    shape = (b,) + (1,) * (image.dim() - 1)
+    lo = image.reshape(b, -1).amin(1).view(shape)
+    image = (image - lo) * params["brightness"].view(shape) + lo
+    mean = image.reshape(b, -1).mean(1).view(shape)
+    image = (image - mean) * params["contrast"].view(shape) + mean
+    return gaussian_blur(image, params["sigma"])
+
+
+def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, *S)`` with one sigma (pixels) per sample; sigma 0 leaves a sample
+    unchanged. Borders replicate."""
+    if not bool((sigma > 0).any()):
+        return image
+    b, c = image.shape[:2]
+    dims = image.dim() - 2
+    radius = max(1, int(math.ceil(2 * float(sigma.max()))))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    safe = sigma.clamp_min(1e-3).to(image.dtype)[:, None]
+    kernel = torch.exp(-x[None] ** 2 / (2 * safe**2))
+    kernel = torch.where((sigma > 0)[:, None], kernel, (x[None] == 0).to(image.dtype))  # identity when sigma 0
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K)
+    weights = kernel.repeat_interleave(c, 0)  # (B*C, K)
+    out = image.reshape(1, b * c, *image.shape[2:])
+    conv = F.conv2d if dims == 2 else F.conv3d
+    for d in range(dims):
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - d)] = pad[2 * (dims - 1 - d) + 1] = radius
+        shape = [b * c, 1] + [1] * dims
+        shape[2 + d] = 2 * radius + 1
+        out = conv(F.pad(out, pad, mode="replicate"), weights.view(shape), groups=b * c)
+    return out.reshape(image.shape)

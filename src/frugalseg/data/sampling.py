@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from frugalseg.config import AugmentConfig
-from frugalseg.data.augment import apply_intensity, apply_spatial, draw_intensity, draw_spatial
+from frugalseg.data.augment import (
+    apply_intensity,
+    apply_spatial,
+    apply_strong,
+    draw_intensity,
+    draw_spatial,
+    draw_strong,
+)
 from frugalseg.data.volume import Volume, slice_axis
 
 # the crop window is larger than the patch so rotation and zoom-out have real image to draw from
@@ -51,6 +58,9 @@ class PatchSampler:
             weakly augmented input; the first view is the student's strongly augmented one).
         stream: ``None`` or an integer that separates this sampler's random stream from another sampler's with
             the same seed (e.g. the unlabelled stream of a semi-supervised run).
+        strong_views: ``k > 0`` makes ``image`` the weak view (spatial augmentation only) and adds ``strong1`` ..
+            ``strong<k>``: the same crops under the same spatial transform, each with its own strong intensity
+            perturbation (colour jitter and blur, :func:`~frugalseg.data.augment.apply_strong`).
 
     Every batch also holds ``volume`` (index of the source volume, ``(B,)``) and ``position`` (the crop centre
     relative to the volume extent in training axis order: ``(B,)`` slice position for 2-D, ``(B, 3)`` for 3-D).
@@ -70,13 +80,16 @@ class PatchSampler:
         shared_spatial: bool = False,
         weak_view2: bool = False,
         stream: int | None = None,
+        strong_views: int = 0,
     ) -> None:
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
+        if strong_views and views != 1:
+            raise ValueError("strong views come with one (weak) view")
         if partitions and (spatial_dims != 2 or batch_size % partitions):
             raise ValueError(f"partitioned batches need 2-D slices and a batch size divisible by {partitions}")
         self.views, self.partitions, self.shared_spatial = views, partitions, shared_spatial
-        self.weak_view2, self.stream = weak_view2, stream
+        self.weak_view2, self.stream, self.strong_views = weak_view2, stream, strong_views
         if not volumes:
             raise ValueError("PatchSampler needs at least one volume")
         self.dims = spatial_dims
@@ -139,7 +152,14 @@ class PatchSampler:
             position.append((np.asarray(centre, dtype=np.float64) + 0.5) / np.asarray(full))
         crops = torch.from_numpy(np.stack(images))
         label = torch.from_numpy(np.stack(labels)) if self.has_labels else None
-        if self.views == 2 and self.shared_spatial and self.augment is not None:
+        strong: list[torch.Tensor] = []
+        if self.strong_views:
+            # the weak view: spatial augmentation only; strong views share it and add strong intensity changes
+            aug = self.augment if self.augment is not None else AugmentConfig(probability=0.0)
+            image, label = apply_spatial(crops, label, draw_spatial(self.batch_size, self.dims, aug, gen), self.patch)
+            strong = [apply_strong(image, draw_strong(self.batch_size, aug, gen)) for _ in range(self.strong_views)]
+            second = None
+        elif self.views == 2 and self.shared_spatial and self.augment is not None:
             # both views share one spatial transform (voxels correspond) and differ in intensity only
             spatial = draw_spatial(self.batch_size, self.dims, self.augment, gen)
             moved, label = apply_spatial(crops, label, spatial, self.patch)
@@ -156,6 +176,8 @@ class PatchSampler:
             out["label"] = label
         if second is not None:
             out["view2"] = second.contiguous()
+        for k, view in enumerate(strong):
+            out[f"strong{k + 1}"] = view.contiguous()
         return out
 
     def _inner_centre(self, rng: np.random.Generator, v: int) -> np.ndarray:
@@ -226,13 +248,17 @@ def build_sampler(spec, volumes: Sequence[Volume], unlabelled: Sequence[Volume] 
         return spec.sampler(volumes, patch_size, seed, spatial_dims=spatial_dims, batch_size=batch_size)
     sampler = PatchSampler(volumes, spatial_dims, patch_size, batch_size, seed, foreground_oversample, augment,
                            **_stream_options(spec.stream))
-    if spec.unlabelled is None or unlabelled is None:
-        return sampler
-    stream = PatchSampler([v.without_label() for v in unlabelled], spatial_dims, patch_size, batch_size, seed, 0.0,
-                          augment, stream=1, **_stream_options(spec.unlabelled))
-    return SemiSupervisedSampler(sampler, stream)
+    if spec.unlabelled is not None and unlabelled is not None:
+        stream = PatchSampler([v.without_label() for v in unlabelled], spatial_dims, patch_size, batch_size, seed,
+                              0.0, augment, stream=1, **_stream_options(spec.unlabelled))
+        sampler = SemiSupervisedSampler(sampler, stream)
+    if spec.boxes is not None:
+        from frugalseg.data.mixing import BoxedSampler
+
+        sampler = BoxedSampler(sampler, spec.boxes, patch_size, batch_size, seed)
+    return sampler
 
 
 def _stream_options(stream) -> dict:
     return {"views": stream.views, "shared_spatial": stream.shared_spatial, "weak_view2": stream.weak_view2,
-            "partitions": stream.partitions}
+            "partitions": stream.partitions, "strong_views": stream.strong_views}

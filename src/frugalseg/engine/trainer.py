@@ -25,6 +25,7 @@ from frugalseg.files import load_checkpoint, save_atomic
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last one, kept in case the last is damaged
+BEST = "best.pt"  # the network's weights at its best validation score (train.keep=best)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -143,6 +144,11 @@ class StepRunner:
         return StepResult(loss.item(), {k: float(v) for k, v in logs.items()}, data_time)
 
 
+def _net_state(method: nn.Module) -> dict[str, torch.Tensor]:
+    """The kept network's weights, on the CPU, in the default memory layout."""
+    return {k: v.detach().cpu().contiguous() for k, v in method.net.state_dict().items()}
+
+
 class _NoLog:
     def write(self, step: int, entry: dict) -> None:
         pass
@@ -163,6 +169,7 @@ def fit(
     show_progress: bool = True,
     description: str = "train",
     notify: Callable[[str], None] | None = None,
+    validate: Callable[[], dict[str, float]] | None = None,
 ) -> FitResult:
     """Train ``method`` for ``cfg.steps`` optimiser steps; ``batches(i)`` gives the i-th micro-batch.
 
@@ -170,8 +177,13 @@ def fit(
     steps and at the end to ``run_dir/checkpoint.pt``; with ``resume=True`` training continues from it, and
     because batches depend only on their index the result equals an uninterrupted run.
 
+    With ``validate`` and ``cfg.val_every`` > 0, ``validate()`` (e.g. ``{"val_dice": ...}``) runs every
+    ``val_every`` steps and at the end; its values are logged at that step and, with ``cfg.keep == "best"``, the
+    network's weights at the best ``val_dice`` are kept in ``run_dir/best.pt``. Time spent validating is not
+    counted as training time.
+
     Under ``torchrun`` (see :mod:`frugalseg.engine.distributed`) each rank trains on its shard of the same global
-    batch inside DistributedDataParallel; rank 0 alone logs, shows progress and writes checkpoints.
+    batch inside DistributedDataParallel; rank 0 alone logs, shows progress, validates and writes checkpoints.
     """
     method.to(device)
     set_memory_format(method, cfg.channels_last)
@@ -179,6 +191,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
     start, before = 0, 0.0  # steps and training seconds of the earlier invocations (up to their last checkpoint)
+    best = -math.inf  # the best validation score so far (train.keep=best)
     state = resume_state(run_dir, notify) if resume else None
     if state is not None:
         try:
@@ -190,10 +203,13 @@ def fit(
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
         before = float(state.get("seconds", 0.0))
+        best = float(state.get("best_val", -math.inf))
     main = dist.is_main()
     log = RunLog(run_dir, resume_step=start if resume else None) if main else _NoLog()
     runner = StepRunner(method, batches, optimizer, scheduler, cfg, device)
     total, t0, data_time, last_loss = cfg.steps, time.perf_counter(), 0.0, float("nan")
+    val_time = 0.0  # seconds spent validating (not training)
+    validating = validate is not None and cfg.val_every > 0 and main
     window: dict[str, float] = {}
     n_window = 0
     bar = tqdm(range(start, total), initial=start, total=total, desc=description, dynamic_ncols=True,
@@ -210,22 +226,31 @@ def fit(
             n_window += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
-                elapsed = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0 - val_time
                 entry = dist.mean_across_ranks({k: v / n_window for k, v in window.items()})
                 entry.update(lr=scheduler.get_last_lr()[0], seconds=before + elapsed,
                              data_fraction=data_time / max(elapsed, 1e-9))
                 log.write(done, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 window, n_window = {}, 0
+            if validating and (done % cfg.val_every == 0 or done == total):
+                t_val = time.perf_counter()
+                scores = validate()
+                val_time += time.perf_counter() - t_val
+                log.write(done, {**scores, "val_seconds": time.perf_counter() - t_val})
+                if cfg.keep == "best" and scores["val_dice"] > best:
+                    best = scores["val_dice"]
+                    save_atomic({"network": _net_state(method), "step": done, "val_dice": best}, run_dir / BEST)
             if (done % cfg.checkpoint_every == 0 or done == total) and main:
                 if ckpt_path.exists():
                     os.replace(ckpt_path, run_dir / PREVIOUS)
                 save_atomic({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                             "step": done, "seconds": before + time.perf_counter() - t0}, ckpt_path)
+                             "step": done, "seconds": before + time.perf_counter() - t0 - val_time,
+                             "best_val": best}, ckpt_path)
     finally:
         bar.close()
         log.close()
     dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on
-    seconds = before + time.perf_counter() - t0  # the whole run's training time, across resumes
+    seconds = before + time.perf_counter() - t0 - val_time  # the whole run's training time, across resumes
     return FitResult(steps=total - start, seconds=seconds, last_loss=last_loss if math.isfinite(last_loss) else 0.0)

@@ -52,6 +52,33 @@ def evaluate_model(model: TrainedModel, data: Path | str, split: str, show_progr
     return {**summary, "split": split, "data": str(source.root), "n_cases": len(results), "cases": results}, kept
 
 
+def validator(net, cfg, source, device, split: str = "val"):
+    """A function that returns ``{"val_dice": mean foreground Dice}`` of ``net`` (as it is now) on ``split`` of
+    ``source``; the volumes are read once. ``net`` is put in eval mode for the call and restored after. Draws no
+    random number, so a run validated along the way trains exactly as one that is not."""
+    from frugalseg.eval.metrics import mean_foreground_dice
+
+    cases = source.cases(split)
+    if not cases:
+        raise UserError(f"train.val_every: no {split} case in {source.root} to validate on")
+    volumes = [source.load(case) for case in cases]
+    missing = [v.case_id for v in volumes if v.label is None]
+    if missing:
+        raise UserError(f"train.val_every: {split} case {missing[0]} has no label")
+    model = TrainedModel(net, cfg, list(source.class_names), source.in_channels, device)
+
+    def validate() -> dict[str, float]:
+        was = net.training
+        net.eval()
+        try:
+            scores = [mean_foreground_dice(segment(model, v), v.label, len(source.class_names)) for v in volumes]
+        finally:
+            net.train(was)
+        return {"val_dice": float(np.mean(scores))}
+
+    return validate
+
+
 def evaluate_run(run_dir: Path, data: Path | str, split: str, show_progress: bool = True) -> dict:
     model = load_model(run_dir)
     out = Path(run_dir) / f"eval_{split}.json"

@@ -20,18 +20,31 @@ def pyplot():
 
 
 def learning_curve(log: list[dict], path: Path, title: str = "training loss") -> None:
+    """The training loss (and learning rate) against the step; with validation entries, the validation Dice in a
+    panel beside it. A single point is drawn as a marker, not an empty line."""
     plt = pyplot()
-    steps = [e["step"] for e in log]
-    fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(steps, [e["loss"] for e in log], color="tab:blue", label="loss")
+    train = [e for e in log if "loss" in e]
+    val = [e for e in log if "val_dice" in e]
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10.5 if val else 6, 3.5), squeeze=False)
+    ax1 = axes[0, 0]
+    steps = [e["step"] for e in train]
+    marker = "o" if len(train) == 1 else None
+    ax1.plot(steps, [e["loss"] for e in train], color="tab:blue", marker=marker, label="loss")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
-    if all(e["loss"] > 0 for e in log):  # negative-cosine losses (BYOL, PCRLv2) go below zero: keep them linear
+    if train and all(e["loss"] > 0 for e in train):  # negative-cosine losses (BYOL, PCRLv2): keep them linear
         ax1.set_yscale("log")
     ax2 = ax1.twinx()
-    ax2.plot(steps, [e["lr"] for e in log], color="tab:gray", alpha=0.5, label="learning rate")
+    ax2.plot(steps, [e["lr"] for e in train], color="tab:gray", alpha=0.5, marker=marker, label="learning rate")
     ax2.set_ylabel("learning rate")
     ax1.set_title(title)
+    if val:
+        ax3 = axes[0, 1]
+        ax3.plot([e["step"] for e in val], [e["val_dice"] for e in val], color="tab:green", marker="o")
+        ax3.set_xlabel("step")
+        ax3.set_ylabel("validation mean Dice")
+        ax3.grid(alpha=0.3)
+        ax3.set_title("validation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -46,3 +46,56 @@ def dice_ce_loss(smooth: float = 1e-5, batch: bool = True) -> DiceCE:
 def segmentation_loss(loss_fn: nn.Module, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Apply ``loss_fn`` to ``logits`` ``(B, K, *S)`` (any dtype; computed in fp32) and ``label`` ``(B, *S)``."""
     return loss_fn(logits.float(), label[:, None])
+
+
+def masked_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                     smooth: float = 1e-5) -> torch.Tensor:
+    """Soft Dice with squared denominators over the voxels where ``mask`` is true, mean over every class.
+
+    ``1 − (1/K)·Σ_k (2·Σ p_k g_k + s) / (Σ p_k² + Σ g_k² + s)``, sums over the batch and the masked voxels: the
+    Dice loss of UniMatch (Yang et al. 2023, its ``ignore`` = ``~mask``) and of BCP (Bai et al. 2023, its
+    ``mask_DiceLoss``). A class with no masked voxel contributes 0 (``s / s = 1``).
+
+    Args:
+        prob: ``(B, K, *S)`` class probabilities.
+        target: ``(B, *S)`` integer labels.
+        mask: ``(B, *S)`` bool or 0/1 weights, or ``None`` for every voxel.
+    """
+    k = prob.shape[1]
+    onehot = F.one_hot(target.long(), k).movedim(-1, 1).to(prob.dtype)
+    weight = torch.ones_like(prob[:, :1]) if mask is None else mask.to(prob.dtype).unsqueeze(1)
+    dims = [0, *range(2, prob.dim())]
+    sums = torch.stack([(prob * onehot * weight).sum(dims), (onehot * weight).sum(dims),
+                        (prob * prob * weight).sum(dims)])
+    sums = sum_across_ranks(sums)
+    dice = (2.0 * sums[0] + smooth) / (sums[1] + sums[2] + smooth)
+    return 1.0 - dice.mean()
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """Cross-entropy averaged over the voxels where ``mask`` is true (0 when none is): BCP's masked CE."""
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    if mask is None:
+        return ce.mean()
+    weight = mask.to(ce.dtype)
+    return (ce * weight).sum() / (weight.sum() + 1e-16)
+
+
+def mixed_region_loss(logits: torch.Tensor, outside: torch.Tensor, inside: torch.Tensor, box: torch.Tensor,
+                      weight_outside: float, weight_inside: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCP's ``mix_loss``: ``(Dice, CE)`` of a pasted image's prediction against ``outside`` labels outside the box
+    and ``inside`` labels inside it, each region's Dice and CE restricted to the region and weighted.
+
+    Args:
+        logits: ``(B, K, *S)``.
+        outside, inside: ``(B, *S)`` label maps (labels or pseudo-labels) of the two source images.
+        box: ``(B, *S)`` bool, true inside the pasted box.
+    """
+    prob = logits.float().softmax(1)
+    out_mask = ~box
+    dice = (weight_outside * masked_dice_loss(prob, outside, out_mask)
+            + weight_inside * masked_dice_loss(prob, inside, box))
+    ce = (weight_outside * masked_cross_entropy(logits, outside, out_mask)
+          + weight_inside * masked_cross_entropy(logits, inside, box))
+    return dice, ce

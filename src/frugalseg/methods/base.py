@@ -19,9 +19,10 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn as nn
 
+from frugalseg.data.mixing import BoxSpec
 from frugalseg.errors import Incompatible
 
-__all__ = ["PRETRAIN", "TRAIN", "Incompatible", "Method", "MethodSpec", "NoOptions", "StepOutput", "Stream"]
+__all__ = ["PRETRAIN", "TRAIN", "BoxSpec", "Incompatible", "Method", "MethodSpec", "NoOptions", "StepOutput", "Stream"]
 
 PRETRAIN = "pretrain"
 TRAIN = "train"
@@ -37,12 +38,15 @@ class Stream:
         weak_view2: with ``shared_spatial``, the second view gets no intensity augmentation (a teacher's input).
         partitions: ``S > 0`` for batches of ``batch / S`` volumes with one slice from each of their ``S``
             partitions along the slice axis (Chaitanya et al.'s G^D batches; 2-D only).
+        strong_views: ``k > 0``: ``image`` is the weak view (spatial augmentation only) and ``strong1`` ..
+            ``strong<k>`` are strongly perturbed copies under the same spatial transform (colour jitter, blur).
     """
 
     views: int = 1
     shared_spatial: bool = False
     weak_view2: bool = False
     partitions: int = 0
+    strong_views: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,10 @@ class MethodSpec:
             network's ``size_divisor``).
         sampler: a factory ``(volumes, patch_size, seed, spatial_dims, batch_size) -> sampler`` for views that are
             not patches (VoCo's bases, PCRLv2's sub-crops); ``None`` for the patch sampler described by ``stream``.
+        boxes: random boxes added to every batch (``box``, ``box2``, ...: CutMix / copy-paste masks, see
+            :class:`~frugalseg.data.mixing.BoxSpec`), or ``None``.
+        min_batch_size: the smallest ``data.batch_size`` the method works with (pairs within a batch, BatchNorm
+            over the batch in a head).
     """
 
     kind: Literal["pretrain", "train"]
@@ -70,6 +78,8 @@ class MethodSpec:
     partial_graph: bool = False
     decoder_maps: bool = False
     sampler: Callable[..., Any] | None = None
+    boxes: BoxSpec | None = None
+    min_batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in (PRETRAIN, TRAIN):

@@ -68,13 +68,12 @@ class PCRLv2(Method):
         from frugalseg.data.pcrl_crops import SubCropSampler
 
         def sampler(volumes, patch_size, seed, spatial_dims=3, batch_size=4):
-            if batch_size < 2:
-                raise Incompatible("needs data.batch_size >= 2 (its projectors are BatchNorm over the batch)")
             return SubCropSampler(volumes, spatial_dims, patch_size, batch_size, seed,
                                   locals_per_sample=options.locals_per_sample, min_iou=options.min_iou)
 
         # the segmentation head of the U-Net is not trained here
-        return MethodSpec(kind=PRETRAIN, partial_graph=True, sampler=sampler)
+        # its projectors are BatchNorm over the batch: at least 2 samples
+        return MethodSpec(kind=PRETRAIN, partial_graph=True, sampler=sampler, min_batch_size=2)
 
     def __init__(self, net: nn.Module, options: PCRLv2Options | None = None) -> None:
         super().__init__(net, options)
