@@ -108,3 +108,16 @@ def test_gcl_step_backpropagates_into_the_encoder():
     assert torch.isfinite(out.loss)
     assert method.net.encoder[0][0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in method.net.decoder.parameters())  # only the encoder is trained
+
+
+def test_gr_draws_random_slices_while_gd_draws_partitioned_batches():
+    gr = GlobalContrastive.declare(GlobalContrastiveOptions(strategy="GR"))
+    gd = GlobalContrastive.declare(GlobalContrastiveOptions(strategy="GD"))
+    gd_minus = GlobalContrastive.declare(GlobalContrastiveOptions(strategy="GD-"))
+    assert gr.stream.partitions == 0 and gr.stream.views == 2
+    assert gd.stream.partitions == 4 and gd_minus.stream.partitions == 4
+    vols = [Volume(f"v{i}", np.random.default_rng(i).random((1, 12, 40, 40)).astype(np.float32), None, np.eye(4),
+                   (6.0, 1.5, 1.5)) for i in range(3)]
+    sampler = PatchSampler(vols, 2, (32, 32), 8, seed=0, views=2, partitions=gr.stream.partitions)
+    parts = [slice_partition(sampler.batch(s)["position"], 4).tolist() for s in range(6)]
+    assert any(p != [0, 1, 2, 3, 0, 1, 2, 3] for p in parts)  # not one slice per partition of each volume

@@ -96,3 +96,37 @@ def test_patchcl_steps_fill_queues_and_teacher_moves_only_by_ema():
     assert outs[-1].logs["loss_plgcl"] != 0 and torch.isfinite(outs[-1].loss)
     assert int(method.queue_count[1]) > 0 and int(method.queue_count[0]) > 0
     assert any(not torch.equal(v, before[k]) for k, v in method.teacher.state_dict().items())
+
+
+def test_patch_entropy_is_that_of_the_attended_image():
+    # 1 image, 2 classes, 2x2 pixels = one patch; class 1 is certain everywhere
+    image = torch.tensor([[[[0.0, 4.0], [2.0, 4.0]]]])  # unit scale: 0, 1, 0.5, 1
+    conf = torch.stack([torch.zeros(2, 2), torch.ones(2, 2)])[None]
+    _, ent = patch_statistics(conf, 2, image)
+    # I ⊙ C^1 = (0, 1, 0.5, 1): entropies 0, 0, 1, 0 -> mean 0.25; C^0 = 0 everywhere: 0
+    assert ent[0, 1, 0].item() == pytest.approx(0.25, abs=1e-4) and ent[0, 0, 0].item() == pytest.approx(0, abs=1e-4)
+    _, ent_conf = patch_statistics(conf, 2)  # on C^k alone the certain class has no entropy at all
+    assert ent_conf[0, 1, 0].item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_warm_up_trains_supervised_and_cross_entropy_consistency_only():
+    torch.manual_seed(0)
+    method = PatchCL(UNet(2, 1, 3, (4, 8, 16)), PatchCLOptions(patch=8, per_class=4, queue=16, embedding=8,
+                                                              warmup=0.5, consistency=4.0, rampup=0.0))
+    g = torch.Generator().manual_seed(1)
+    label = torch.zeros(2, 32, 32, dtype=torch.long)
+    label[:, 8:24, 8:24] = 1
+    label[:, 12:20, 12:20] = 2
+    batch = {"image": torch.randn(2, 1, 32, 32, generator=g), "label": label,
+             "u_image": torch.randn(2, 1, 32, 32, generator=g), "u_view2": torch.randn(2, 1, 32, 32, generator=g)}
+    out = method.training_step(batch, 0.2)  # inside the warm-up
+    assert out.logs["loss_plgcl"] == 0 and out.logs["patches"] == 0 and int(method.queue_count.sum()) == 0
+    with torch.no_grad():
+        method.teacher.train()
+        pseudo = method.teacher(batch["u_view2"]).argmax(1)
+        student = method.net(batch["u_image"])
+    ce = torch.nn.functional.cross_entropy(student, pseudo)
+    assert out.logs["loss_consistency"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((out.logs["loss_dice_ce"] + 4.0 * ce).item(), rel=1e-5)
+    after = method.training_step(batch, 0.6)  # after it: patches are picked and queued
+    assert after.logs["patches"] > 0 and int(method.queue_count.sum()) > 0

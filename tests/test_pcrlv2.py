@@ -108,3 +108,22 @@ def test_pcrlv2_loss_decreases_on_a_fixed_batch():
         opt.step()
         losses.append(out.logs["loss_rec"].item())
     assert losses[-1] < losses[0]
+
+
+def test_the_two_global_views_and_the_locals_are_normalised_apart():
+    """Each global view goes through the network in its own pass (BatchNorm statistics of that view alone, as the
+    official code): a second view that is a scaled copy of the first gives the same normalised features."""
+    torch.manual_seed(0)
+    net = UNet(2, 1, 2, (4, 8, 16), skip=False, norm="batch")
+    method = PCRLv2(net, PCRLv2Options(locals_per_sample=2))
+    seen = []
+    first_bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_bn.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    g = torch.Generator().manual_seed(0)
+    view = torch.randn(3, 1, 16, 16, generator=g)
+    batch = {"image": view, "view2": 5.0 * view, "local": torch.randn(3, 2, 1, 8, 8, generator=g),
+             "target": torch.rand(3, 1, 16, 16, generator=g)}
+    method.training_step(batch, 0.0)
+    assert [o.shape[0] for o in seen] == [3, 3, 6]  # view 1, view 2, the locals: three passes
+    # the first convolution has no bias: BN(conv(5x)) = BN(conv(x)) up to the epsilon
+    torch.testing.assert_close(seen[0], seen[1], atol=1e-4, rtol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +31,7 @@ def test_overlap_fractions_equal_a_voxel_count():
 
 def test_grid_and_random_crops_stay_inside_the_volume():
     vol = Volume("v", np.zeros((1, 50, 70, 9), np.float32), None, np.eye(4), (1.0, 1.0, 1.0))
-    assert grid_size((50, 70, 9), (24, 24, 9)) == 2 and grid_size((400, 400, 9), (24, 24, 9)) == 4
+    assert grid_size((50, 70, 9), (24, 24, 9)) == 3 and grid_size((400, 400, 9), (24, 24, 9)) == 4
     sampler = VoCoSampler([vol], (16, 16, 8), seed=0, crops=5)
     rng = np.random.default_rng(3)
     for _ in range(50):
@@ -51,7 +52,7 @@ def test_batch_layout_and_determinism():
                    np.eye(4), (1.0, 1.0, 1.0)) for i in range(3)]
     sampler = VoCoSampler(vols, (16, 16, 8), seed=1, volumes_per_step=2, crops=2)
     b = sampler.batch(5)
-    assert b["image"].shape == (2 * (4 + 2), 1, 16, 16, 8) and b["overlap"].shape == (2, 2, 4)
+    assert b["image"].shape == (2 * (9 + 2), 1, 16, 16, 8) and b["overlap"].shape == (2, 2, 9)
     torch.testing.assert_close(b["overlap"].sum(-1), torch.ones(2, 2))
     torch.testing.assert_close(sampler.batch(5)["image"], b["image"])
 
@@ -114,3 +115,34 @@ def test_voco_step_decreases_its_loss():
         first = first if first is not None else out.loss.item()
     assert out.loss.item() < first
     assert all(not p.requires_grad for p in method.teacher_net.parameters())
+
+
+def test_every_batch_has_bases_a_crop_misses_and_a_two_by_two_grid_is_refused():
+    from frugalseg.errors import OptionError
+
+    vol = Volume("v", np.zeros((1, 35, 50, 36), np.float32), None, np.eye(4), (1.0, 1.0, 1.0))  # Hippocampus-sized
+    sampler = VoCoSampler([vol], (32, 48, 32), seed=0)  # the volume fits one patch: the grid is still 3 x 3
+    assert sampler.grid == 3
+    for step in range(20):
+        assert (sampler.batch(step)["overlap"] == 0).any(dim=-1).all()  # every crop misses some base
+    with pytest.raises(OptionError, match="grid must be 0 .automatic. or at least 3"):
+        VoCoOptions(grid=2)
+
+
+def test_crops_are_rotated_by_quarter_turns_in_plane(monkeypatch):
+    from frugalseg.data import voco_crops
+
+    x = np.broadcast_to(np.arange(48, dtype=np.float32)[:, None, None], (48, 48, 8))[None].copy()
+    vol = Volume("v", x, None, np.eye(4), (1.0, 1.0, 1.0))
+
+    def along_second_axis(views):
+        views = views[:, 0]  # (R, X, Y, Z): an x-gradient varies along X unless a quarter turn moved it to Y
+        return [(v.diff(dim=1).abs().sum() > v.diff(dim=0).abs().sum()).item() for v in views]
+
+    monkeypatch.setattr(voco_crops, "ROTATE_PROBABILITY", 0.0)
+    images = torch.cat([VoCoSampler([vol], (16, 16, 8), seed=0).batch(s)["image"] for s in range(10)])
+    assert not any(along_second_axis(images))
+    monkeypatch.setattr(voco_crops, "ROTATE_PROBABILITY", 1.0)
+    images = torch.cat([VoCoSampler([vol], (16, 16, 8), seed=0).batch(s)["image"] for s in range(10)])
+    share = np.mean(along_second_axis(images))
+    assert 0.5 < share < 0.85  # k in {1, 2, 3}: two of three turns move the gradient to the other axis

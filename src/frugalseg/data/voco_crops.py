@@ -17,12 +17,17 @@ import torch.nn.functional as F
 from frugalseg.data.volume import Volume
 from frugalseg.errors import Incompatible
 
+# a random crop of one base's size overlaps at most 2 x 2 bases: with 3 or more per axis some bases are always
+# left out, so the negative (zero-overlap) term of VoCo's loss is never empty
+SMALLEST_GRID = 3
+ROTATE_PROBABILITY = 0.2  # RandRotate90 of the official augmentation (max_k 3, the first two axes)
+
 
 def grid_size(extent: Sequence[int], patch: Sequence[int], largest: int = 4) -> int:
-    """Bases per in-plane axis: the volume's extent in patches (at least 2, at most ``largest``), as VoCo's 4x4
-    grid of 96-voxel bases on a 384-voxel canvas."""
+    """Bases per in-plane axis: the volume's extent in patches, between :data:`SMALLEST_GRID` and ``largest``, as
+    VoCo's 4x4 grid of 96-voxel bases on a 384-voxel canvas."""
     fits = min(e / max(p, 1) for e, p in zip(extent[:2], patch[:2]))
-    return int(min(max(round(fits), 2), largest))
+    return int(min(max(round(fits), SMALLEST_GRID), largest))
 
 
 def base_boxes(extent: Sequence[int], g: int) -> np.ndarray:
@@ -67,8 +72,10 @@ class VoCoSampler:
     """Batches of ``volumes_per_step`` volumes, each as ``g*g`` bases then ``crops`` random crops.
 
     ``image`` ``(V*(K+R), C, *patch)``; ``overlap`` ``(V, R, K)``; ``volume`` ``(V*(K+R),)``. Each crop gets its own
-    flips (p 0.2 per axis) and intensity shift (±0.1, p 0.1), as the official code; the overlap is the crop's
-    position, so augmentation does not change it. Deterministic in ``(seed, step)``.
+    flips (p 0.2 per axis), a rotation by k·90° in the first two axes (p 0.2, k in 1..3; k = 2 only when the patch
+    is not square in those axes, so that every crop keeps its shape) and an intensity shift (±0.1, p 0.1), as the
+    official code; the overlap is the crop's position, so augmentation does not change it. Deterministic in
+    ``(seed, step)``.
     """
 
     def __init__(self, volumes: Sequence[Volume], patch_size: Sequence[int], seed: int, volumes_per_step: int = 2,
@@ -99,10 +106,14 @@ class VoCoSampler:
             bases, crops = self.boxes(int(v), rng)
             views = sample_crops(self.images[int(v)], np.concatenate([bases, crops]), self.patch)
             flips = rng.random((len(views), 3)) < 0.2
+            rotate = rng.random(len(views)) < ROTATE_PROBABILITY
+            turns = rng.integers(1, 4, size=len(views)) if self.patch[0] == self.patch[1] else np.full(len(views), 2)
             for r in range(len(views)):
                 axes = [1 + d for d in range(3) if flips[r, d]]  # (C, X, Y, Z)
                 if axes:
                     views[r] = views[r].flip(axes)
+                if rotate[r]:
+                    views[r] = torch.rot90(views[r], int(turns[r]), dims=(1, 2))
             shift = np.where(rng.random(len(views)) < 0.1, rng.uniform(-0.1, 0.1, len(views)), 0.0)
             views = views + torch.tensor(shift, dtype=views.dtype).view(-1, 1, 1, 1, 1)
             images.append(views)

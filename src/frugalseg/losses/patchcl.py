@@ -17,26 +17,41 @@ def binary_entropy(c: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(c * torch.log2(c) + (1 - c) * torch.log2(1 - c))
 
 
-def patch_statistics(confidence: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean confidence and mean binary entropy of every class map over a regular grid of patches.
+def unit_image(image: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *S)`` -> ``(B, 1, *S)`` in [0, 1]: each sample scaled by its own minimum and maximum, channels
+    averaged (the intensity I of the attended image I ⊙ C^k)."""
+    b = image.shape[0]
+    flat = image.float().reshape(b, -1)
+    shape = (b,) + (1,) * (image.dim() - 1)
+    lo, hi = flat.amin(1).view(shape), flat.amax(1).view(shape)
+    return ((image.float() - lo) / (hi - lo).clamp_min(1e-6)).mean(1, keepdim=True)
+
+
+def patch_statistics(confidence: torch.Tensor, patch: int, image: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean confidence of every class map, and mean binary entropy of the attended image I ⊙ C^k (PatchCL's
+    "average patch entropy"), over a regular grid of patches.
 
     Args:
-        confidence: ``(B, K, *S)`` class confidences C^k (teacher softmax, or one-hot labels).
+        confidence: ``(B, K, *S)`` class confidences C^k (softmax, or one-hot labels).
         patch: patch side in pixels; the grid is ``S // patch`` per axis (an incomplete border is ignored).
+        image: ``(B, C, *S)`` the images (scaled to [0, 1] per sample by :func:`unit_image`); ``None`` ranks on the
+            entropy of C^k alone.
 
     Returns:
         ``(mean_conf, mean_entropy)``, each ``(B, K, P)`` with ``P`` patches in row-major grid order.
     """
     pool = F.avg_pool2d if confidence.dim() == 4 else F.avg_pool3d
     conf = pool(confidence.float(), patch).flatten(2)
-    ent = pool(binary_entropy(confidence.float()), patch).flatten(2)
+    attended = confidence.float() if image is None else unit_image(image) * confidence.float()
+    ent = pool(binary_entropy(attended), patch).flatten(2)
     return conf, ent
 
 
 def select_patches(mean_conf: torch.Tensor, mean_entropy: torch.Tensor, per_class: int,
                    threshold: float = 0.5) -> list[tuple[int, int, int]]:
     """Pick up to ``per_class`` patches per class: those the class dominates (mean confidence > ``threshold``),
-    most certain first (lowest mean patch entropy); ties keep grid order.
+    lowest mean patch entropy first; ties keep grid order.
 
     Returns ``(image, class, patch)`` triples, class-major.
     """

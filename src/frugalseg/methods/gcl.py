@@ -43,8 +43,9 @@ class GlobalContrastiveOptions:
 class GlobalContrastive(Method):
     """Contrast encoder embeddings of 2-D slices; which pairs attract is set by ``strategy`` (G^R, G^D-, G^D).
 
-    A batch holds ``batch_size / partitions`` volumes with one slice from each of their ``partitions``
-    partitions, each slice in two augmented views. The projection head ``g1`` (pooled encoder output -> 1024 ->
+    For G^D- and G^D a batch holds ``batch_size / partitions`` volumes with one slice from each of their
+    ``partitions`` partitions; for G^R, random slices (the paper's SimCLR baseline). Each slice in two augmented
+    views. The projection head ``g1`` (pooled encoder output -> 1024 ->
     128, ReLU, no bias, no BN) is dropped after pre-training.
     """
 
@@ -52,7 +53,9 @@ class GlobalContrastive(Method):
 
     @classmethod
     def declare(cls, options: GlobalContrastiveOptions) -> MethodSpec:
-        return MethodSpec(kind=PRETRAIN, spatial_dims=(2,), stream=Stream(views=2, partitions=options.partitions),
+        # G^R draws random slices (SimCLR); G^D- and G^D batches hold one slice of each partition of a few volumes
+        parts = 0 if options.strategy == "GR" else options.partitions
+        return MethodSpec(kind=PRETRAIN, spatial_dims=(2,), stream=Stream(views=2, partitions=parts),
                           partial_graph=True)
 
     def __init__(self, net: nn.Module, options: GlobalContrastiveOptions | None = None) -> None:

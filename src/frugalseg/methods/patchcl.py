@@ -9,12 +9,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frugalseg.collectives import gather_uneven
-from frugalseg.losses.consistency import sigmoid_rampup, softmax_mse
+from frugalseg.losses.consistency import sigmoid_rampup
 from frugalseg.losses.patchcl import attended_patch_features, patch_statistics, plgcl_loss, select_patches
 from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
 from frugalseg.methods.base import TRAIN, Incompatible, Method, MethodSpec, StepOutput
 from frugalseg.methods.mean_teacher import TEACHER_STUDENT_VIEWS
-from frugalseg.methods.options import check_fraction, check_momentum, check_non_negative, check_positive
+from frugalseg.methods.options import (
+    check_choice,
+    check_fraction,
+    check_momentum,
+    check_non_negative,
+    check_positive,
+)
 from frugalseg.nn.ema import ema_update, frozen_copy
 
 
@@ -28,10 +34,13 @@ def _joined(outputs):
 class PatchCLOptions:
     """Args:
         ema: teacher momentum.
-        consistency: β, weight of the mean-teacher consistency at the end of its ramp-up.
-        rampup: ramp-up length as a fraction of training.
-        contrast: γ, weight of the patch contrastive loss.
-        warmup: fraction of training during which only labelled images feed the contrastive loss.
+        consistency: β, weight of L_reg (cross-entropy of the student on the strong view against the teacher's
+            hard pseudo-label on the weak view) at the end of its ramp-up (the official code's 4).
+        rampup: β's sigmoid ramp-up length as a fraction of training (ours; the paper does not say).
+        contrast: γ, weight of the patch contrastive loss (the official code's 0.5).
+        warmup: fraction of training before the contrastive loss starts (the paper's warm-up: L_sup + β·L_reg).
+        pseudo_labels: whose softmax gives the unlabelled images' class confidences C^k: ``student`` (the paper:
+            its own detached prediction of the image it sees) or ``teacher`` (on the weak view).
         patch: patch side in input pixels (the grid is the patch size divided by it per axis).
         per_class: patches kept per class and step.
         queue: queue length per class (also ζ's default).
@@ -42,10 +51,11 @@ class PatchCLOptions:
     """
 
     ema: float = 0.99
-    consistency: float = 0.1
+    consistency: float = 4.0
     rampup: float = 0.4
     contrast: float = 0.5
     warmup: float = 0.2
+    pseudo_labels: str = "student"
     patch: int = 16
     per_class: int = 16
     queue: int = 512
@@ -61,6 +71,7 @@ class PatchCLOptions:
             check_non_negative(name, getattr(self, name))
         for name in ("rampup", "warmup"):
             check_fraction(name, getattr(self, name))
+        check_choice("pseudo_labels", self.pseudo_labels, ("student", "teacher"))
         for name in ("patch", "per_class", "queue", "embedding", "temperature"):
             check_positive(name, getattr(self, name))
 
@@ -68,12 +79,13 @@ class PatchCLOptions:
 class PatchCL(Method):
     """``L = L_sup + β·r(progress)·L_reg + γ·L_PLGCL`` with an EMA teacher (see ``docs/methods/patchcl.md``).
 
-    Class confidences C^k come from the labels where they exist and from the teacher's softmax on the weak view
-    elsewhere (only after ``warmup``: before it the contrastive term uses the labelled images alone). For each class
-    the patches it dominates are ranked by mean patch entropy of C^k, the most certain ``per_class`` are kept, and
-    each is embedded from a decoder feature map attended by C^k (confidence-weighted pooling over the patch). The
-    teacher's embeddings of the same patches fill per-class FIFO queues whose means and covariances define the
-    closed-form contrastive bound for the student's embeddings.
+    ``L_reg`` is the cross-entropy of the student on the strong view against the teacher's hard pseudo-label on
+    the weak view. After the warm-up, class confidences C^k come from the labels where they exist and from the
+    student's softmax elsewhere; for each class the patches it dominates are ranked by the mean binary entropy of
+    the attended image I ⊙ C^k, the most certain ``per_class`` are kept, and each is embedded from a decoder feature
+    map attended by C^k (confidence-weighted pooling over the patch). The teacher's embeddings of the same patches
+    fill per-class FIFO queues whose means and covariances define the closed-form contrastive bound for the
+    student's embeddings.
     """
 
     Options = PatchCLOptions
@@ -126,44 +138,52 @@ class PatchCL(Method):
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
         o = self.options
         n = batch["image"].shape[0]
+        contrast = progress >= o.warmup  # the warm-up trains L_sup + β·L_reg only (the paper)
         # labelled and unlabelled streams in separate passes (BatchNorm statistics per stream, as mean_teacher)
         logits, dec = _joined([self.net.decode(self.net.encode(batch[k])) for k in ("image", "u_image")])
         sup = segmentation_loss(self.loss_fn, logits[:n], batch["label"])
         with torch.no_grad():
             self.teacher.train(self.training)
-            t_logits, t_dec = _joined([self.teacher.decode(self.teacher.encode(batch[k]))
-                                       for k in ("image", "u_view2")])
-        cons = softmax_mse(logits[n:], t_logits[n:])
+            if contrast:  # teacher features of both streams: the teacher embeddings of the patches
+                t_logits, t_dec = _joined([self.teacher.decode(self.teacher.encode(batch[k]))
+                                           for k in ("image", "u_view2")])
+                t_u = t_logits[n:]
+            else:
+                t_u = self.teacher(batch["u_view2"])
+        # L_reg: cross-entropy of the student on the strong view against the teacher's pseudo-label on the weak view
+        cons = F.cross_entropy(logits[n:].float(), t_u.float().argmax(1))
         weight = o.consistency * sigmoid_rampup(progress, o.rampup)
 
-        k = logits.shape[1]
-        onehot = F.one_hot(batch["label"], k).movedim(-1, 1).float()
-        if progress >= o.warmup:
-            conf = torch.cat([onehot, t_logits[n:].float().softmax(1)])
-            used = 2 * n
-        else:
-            conf, used = onehot, n
-        picks = select_patches(*patch_statistics(conf, o.patch), o.per_class)
-        plgcl = logits.new_zeros(())
-        if picks:
-            classes = torch.tensor([p[1] for p in picks], device=logits.device)
-            s_emb = self.head(attended_patch_features(dec[o.feature_block][:used], conf, picks, o.patch))
-            with torch.no_grad():
-                t_emb = self.teacher_head(attended_patch_features(t_dec[o.feature_block][:used], conf, picks,
-                                                                  o.patch))
-            means, covs, present = self._statistics()
-            keep = present[classes]  # classes without queue statistics yet contribute nothing this step
-            if present.sum() >= 2 and keep.any():
-                plgcl = plgcl_loss(s_emb[keep], classes[keep], means, covs, present, o.temperature, o.lam,
-                                   self.zeta)
-        else:
-            t_emb = self.queues.new_zeros((0, self.queues.shape[2]))
-            classes = torch.zeros(0, dtype=torch.long, device=logits.device)
-        # under torchrun every rank enqueues every rank's embeddings: the queues stay identical
-        self._enqueue(gather_uneven(t_emb.float()), gather_uneven(classes))
+        plgcl, n_picks = logits.new_zeros(()), 0
+        if contrast:
+            k = logits.shape[1]
+            onehot = F.one_hot(batch["label"], k).movedim(-1, 1).float()
+            if o.pseudo_labels == "student":  # the paper: the student's own (detached) prediction of its input
+                u_conf, u_image = logits[n:].detach().float().softmax(1), batch["u_image"]
+            else:
+                u_conf, u_image = t_u.float().softmax(1), batch["u_view2"]
+            conf = torch.cat([onehot, u_conf])
+            picks = select_patches(*patch_statistics(conf, o.patch, torch.cat([batch["image"], u_image])),
+                                   o.per_class)
+            n_picks = len(picks)
+            if picks:
+                classes = torch.tensor([p[1] for p in picks], device=logits.device)
+                s_emb = self.head(attended_patch_features(dec[o.feature_block], conf, picks, o.patch))
+                with torch.no_grad():
+                    t_emb = self.teacher_head(attended_patch_features(t_dec[o.feature_block], conf, picks, o.patch))
+                means, covs, present = self._statistics()
+                keep = present[classes]  # classes without queue statistics yet contribute nothing this step
+                if present.sum() >= 2 and keep.any():
+                    plgcl = plgcl_loss(s_emb[keep], classes[keep], means, covs, present, o.temperature, o.lam,
+                                       self.zeta)
+            else:
+                t_emb = self.queues.new_zeros((0, self.queues.shape[2]))
+                classes = torch.zeros(0, dtype=torch.long, device=logits.device)
+            # under torchrun every rank enqueues every rank's embeddings: the queues stay identical
+            self._enqueue(gather_uneven(t_emb.float()), gather_uneven(classes))
         loss = sup + weight * cons + o.contrast * plgcl
         return StepOutput(loss, {"loss_dice_ce": sup.detach(), "loss_consistency": cons.detach(),
-                                 "loss_plgcl": plgcl.detach(), "patches": float(len(picks))})
+                                 "loss_plgcl": plgcl.detach(), "patches": float(n_picks)})
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:

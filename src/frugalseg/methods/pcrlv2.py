@@ -97,11 +97,16 @@ class PCRLv2(Method):
 
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
         b = batch["image"].shape[0]
-        _, dec_g = self.net.decode(self.net.encode(torch.cat([batch["image"], batch["view2"]])))
+        # each global view in its own pass, and the locals in a third: BatchNorm (network and projectors)
+        # normalises each with its own statistics, as the official code
+        dec_1 = self.net.decode(self.net.encode(batch["image"]))[1]
+        dec_2 = self.net.decode(self.net.encode(batch["view2"]))[1]
+        (pro_1, pre_1), (pro_2, pre_2) = self._heads(dec_1), self._heads(dec_2)
+        pro_g = [torch.cat(pair) for pair in zip(pro_1, pro_2)]  # view 1 then view 2 along the batch
+        pre_g = [torch.cat(pair) for pair in zip(pre_1, pre_2)]
         local = batch["local"]
         n_local = local.shape[1]
-        _, dec_l = self.net.decode(self.net.encode(local.flatten(0, 1)))  # locals in their own pass
-        pro_g, pre_g = self._heads(dec_g)
+        _, dec_l = self.net.decode(self.net.encode(local.flatten(0, 1)))
         pro_l, pre_l = self._heads(dec_l)
         n_scales = len(pro_g)
 
@@ -118,8 +123,8 @@ class PCRLv2(Method):
                 terms.append(siamese_cosine(pre_g[s][half], pro_g[s][half], ql, pl))
         loc = torch.stack(terms).mean()
         target = batch["target"].float()
-        rec = F.mse_loss(torch.sigmoid(self.restore(dec_g[-1][:b]).float()), target)
-        mask = torch.sigmoid(self.masks[s_star](dec_g[s_star][:b]).float())
+        rec = F.mse_loss(torch.sigmoid(self.restore(dec_1[-1]).float()), target)
+        mask = torch.sigmoid(self.masks[s_star](dec_1[s_star]).float())
         mode = "bilinear" if mask.dim() == 4 else "trilinear"
         mask = F.interpolate(mask, size=target.shape[2:], mode=mode, align_corners=False)
         beta = restoration_weight(progress)

@@ -27,7 +27,8 @@ class VoCoOptions:
     """Attributes:
         volumes_per_step: volumes per step (official 2); ``data.batch_size`` is not used.
         crops: random crops per volume (official 2).
-        grid: bases per in-plane axis; 0 = from the volume size in patches (2-4; official 4).
+        grid: bases per in-plane axis; 0 = from the volume size in patches (3-4; official 4). At least 3: on a
+            2 x 2 grid a base-sized crop overlaps every base and the negative (zero-overlap) term is empty.
         hidden, projection: head widths (official 2048, 2048; smaller for 2-core CPUs).
         teacher: the official code's EMA teacher (off: the CVPR paper's formulation).
         momentum: the teacher's EMA momentum (official 0.9, parameters only).
@@ -44,8 +45,9 @@ class VoCoOptions:
     def __post_init__(self) -> None:
         for name in ("volumes_per_step", "crops", "hidden", "projection"):
             check_positive(name, getattr(self, name))
-        if self.grid == 1 or self.grid < 0:
-            raise OptionError("grid", f"must be 0 (automatic) or at least 2, got {self.grid}")
+        if 0 < self.grid < 3 or self.grid < 0:  # 2 x 2: every crop overlaps every base, no negative term
+            raise OptionError("grid", f"must be 0 (automatic) or at least 3 (on a 2 x 2 grid a crop overlaps every "
+                                      f"base and the negative term is empty), got {self.grid}")
         check_momentum("momentum", self.momentum)
 
 
