@@ -21,6 +21,8 @@ import torch
 from typer.testing import CliRunner
 
 from frugalseg.cli import app
+from frugalseg.recipes import available
+from frugalseg.registry import METHODS
 
 TINY = ["train.steps=4", "train.log_every=2", "train.checkpoint_every=2", "data.batch_size=4",
         "model.channels=[8,16,32]"]
@@ -99,7 +101,7 @@ def _cases(phantoms_2d, models, tmp: Path):
     two_ch = _nifti(inp / "two_channels.nii.gz", (20, 20, 6, 2))
     flat = _nifti(inp / "flat.nii.gz", (20, 20), spacing=(1.0, 1.0))
     nospacing = _nifti(inp / "nospacing.nii.gz", (20, 20, 6), spacing=(1.0, 0.0, 1.0))
-    good = _nifti(inp / "good.nii.gz", (20, 20, 6))
+    good = _nifti(inp / "good.nii.gz", (20, 20, 6), spacing=(1.5, 1.5, 6.0))  # the training phantoms' spacing
     existing = inp / "existing.pt"
     existing.write_bytes(b"user file")
 
@@ -107,8 +109,7 @@ def _cases(phantoms_2d, models, tmp: Path):
         ("data folder missing", ["train", "--data", inp / "nope", "--labeled", 1, "--out", out],
          f"--data {inp / 'nope'}: folder not found"),
         ("unknown method", [*train, "--method", "magic"],
-         "--method: unknown name 'magic' (choose from byol, gcl, lcl, mean_teacher, patchcl, pcrlv2, supervised, "
-         "voco)"),
+         f"--method: unknown name 'magic' (choose from {', '.join(sorted(METHODS))})"),
         ("pre-training with a training method", ["pretrain", "--data", phantoms_2d, "--method", "supervised",
                                                  "--out", out],
          "--method supervised: not a pre-training method (use `frugalseg train`)"),
@@ -138,9 +139,7 @@ def _cases(phantoms_2d, models, tmp: Path):
         ("not a NIfTI file", ["predict", m2d, garbage, inp / "p.nii.gz"], None),
         ("benchmark: unknown recipe", ["benchmark", "--data", phantoms_2d, "--recipes", "nonsense", "--labeled", 1,
                                        "--seeds", 0, "--out", out],
-         "--recipes: unknown recipe 'nonsense' (available: byol, gcl-gd, gcl-gd+lcl-ld, gcl-gd+lcl-lr, "
-         "gcl-gd+lcl-lr+patchcl, gcl-gd-, gcl-gr, gcl-gr+lcl-ld, gcl-gr+lcl-lr, mean-teacher, mean-teacher+selfreg, "
-         "no-augment, patchcl, patchcl+selfreg, pcrlv2, random, supervised+selfreg, voco)"),
+         f"--recipes: unknown recipe 'nonsense' (available: {', '.join(available())})"),
         ("import-weights: missing file", ["import-weights", inp / "none.pt", out / "w.pt", "--format", "voco"],
          f"{inp / 'none.pt'}: weights file not found"),
         ("import-weights: pickled objects", ["import-weights", ns, inp / "w.pt", "--format", "voco"], None),
@@ -152,6 +151,14 @@ def _cases(phantoms_2d, models, tmp: Path):
          f"{pcrl}: neither 'down_tr64.*' (3-D) nor ResNet-18 'conv1.weight' (2-D) tensors: not PCRLv2 weights"),
         ("import-weights: bad --in-channels", ["import-weights", pcrl, inp / "w.pt", "--format", "pcrlv2",
                                                "--in-channels", 0], "--in-channels: must be at least 1, got 0"),
+        ("seed below 0", [*train, "--seed", -1], "--seed -1: a seed must be between 0 and 4294967295"),
+        ("seed above 2^32-1", [*train, "--seed", 2**64],
+         f"--seed {2**64}: a seed must be between 0 and 4294967295"),
+        ("benchmark: seed below 0", ["benchmark", "--data", phantoms_2d, "--recipes", "random", "--labelled", 1,
+                                     "--seeds", "0,-1", "--out", out], "--seeds -1: a seed must be between 0 and "
+                                                                        "4294967295"),
+        ("predict onto its own input", ["predict", m2d, good, good, "--force"],
+         f"{good}: is the input scan itself; choose another output (--force never overwrites an input)"),
         ("disk full writing a prediction", ["predict", m2d, good, inp / "p.nii.gz"],
          f"{inp / 'p.nii.gz'}: No space left on device"),
         ("disk full writing an evaluation", ["evaluate", m2d, "--data", phantoms_2d, "--split", "val"],

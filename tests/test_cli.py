@@ -18,14 +18,15 @@ def run(*args):
     return result.exit_code, result.output
 
 
+TRAINED_SETS = [x for s in ["train.steps=6", "train.log_every=2", "train.checkpoint_every=3", "data.batch_size=4",
+                             "model.channels=[8,16,32]", "data.spatial_dims=2", "data.patch_size=[32,32]"]
+                for x in ("--set", s)]
+
+
 @pytest.fixture(scope="module")
 def trained(phantoms_2d, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "r"
-    tiny = ["train.steps=6", "train.log_every=2", "train.checkpoint_every=3", "data.batch_size=4",
-            "model.channels=[8,16,32]", "data.spatial_dims=2", "data.patch_size=[32,32]"]
-    args = ["train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", out, "--quiet"]
-    for s in tiny:
-        args += ["--set", s]
+    args = ["train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", out, "--quiet", *TRAINED_SETS]
     code, output = run(*args)
     assert code == 0, output
     return out
@@ -107,7 +108,7 @@ def _bad_cases(phantoms_2d, trained, tmp_path):
         (base + ["--out", trained], r"already exists; pass --resume to continue it or --force"),
         (base + ["--out", tmp_path / "o", "--init", tmp_path / "missing.pt"],
          r"--init .*missing.pt: weights file not found"),
-        (["evaluate", corrupt, "--data", phantoms_2d], r"model.pt: corrupt or incompatible"),
+        (["evaluate", corrupt, "--data", phantoms_2d], r"model.pt: not a readable checkpoint"),
         (["evaluate", trained, "--data", phantoms_2d, "--split", "nonsense"], r"--split: unknown split 'nonsense'"),
         (["predict", trained, badpred, tmp_path / "p.nii.gz"], r"x.nii.gz: cannot read NIfTI"),
         (["predict", trained, phantoms_2d / "dataset.json", tmp_path / "p.nii.gz"], r"dataset.json: cannot read NIfTI"),
@@ -161,8 +162,8 @@ def test_resume_with_a_corrupt_checkpoint_is_one_line(trained, phantoms_2d, tmp_
     (copy / "checkpoint.prev.pt").unlink()  # no earlier checkpoint to fall back to
     before = _snapshot(copy)
     code, output = run("train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", copy, "--resume",
-                       "--quiet")
-    assert code == 2 and "checkpoint.pt: corrupt or incompatible checkpoint" in output, output
+                       "--quiet", *TRAINED_SETS)
+    assert code == 2 and "checkpoint.pt: not a readable checkpoint (damaged, or not a PyTorch file)" in output, output
     assert _snapshot(copy) == before
 
 

@@ -190,3 +190,15 @@ def test_benchmark_with_a_pretraining_chain_under_torchrun(phantoms_2d, tmp_path
     for a, b in zip(*rows):
         assert abs(float(a["mean_dice"]) - float(b["mean_dice"])) < 1e-3
     assert len(list((tmp_path / "two" / "pretrain").rglob("model.pt"))) == 1  # the chain ran once, by rank 0's hand
+
+
+def test_channels_last_parameters_under_torchrun_print_no_stride_warning(phantoms_3d, tmp_path):
+    """A 3-D U-Net (one-channel input convolution and 1x1x1 head in channels-last memory) trained by 2 processes:
+    the console stays clean - DistributedDataParallel's gradient buckets agree with the gradients' strides."""
+    args = [*TORCHRUN, "train", "--data", str(phantoms_3d), "--labelled", "1", "--quiet", "--out", str(tmp_path / "r")]
+    for s in ("data.patch_size=[24,24,24]", "data.batch_size=2", "model.channels=[8,16]", "train.steps=2",
+              "train.num_threads=1"):
+        args += ["--set", s]
+    done = _run(args)
+    assert done.returncode == 0, done.stderr
+    assert "Grad strides do not match" not in done.stderr, done.stderr

@@ -112,7 +112,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
     method, sampler, opt, sched, cfg = _setup()
     fit(method, sampler.batch, opt, sched, cfg.train, run, torch.device("cpu"), resume=True, show_progress=False,
         notify=said.append)
-    assert len(said) == 1 and "checkpoint.pt: corrupt or incompatible checkpoint" in said[0]
+    assert len(said) == 1 and "checkpoint.pt: not a readable checkpoint (damaged, or not a PyTorch file)" in said[0]
     assert "resuming from checkpoint.prev.pt (step 4)" in said[0]
     assert (run / "checkpoint.damaged.pt").is_file()
     for key, value in method.state_dict().items():  # replaying steps 5-12 gives the uninterrupted result
@@ -128,7 +128,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
     path.write_bytes(b"corrupt")
-    with pytest.raises(UserError, match="c.pt: corrupt or incompatible checkpoint"):
+    with pytest.raises(UserError, match="c.pt: not a readable checkpoint \\(damaged, or not a PyTorch file\\)"):
         load_checkpoint(path)
 
 

@@ -26,6 +26,7 @@ class Stage:
     sampler: Any | None  # None when assembled without data (a configuration check)
     spec: MethodSpec
     load_report: Any | None = None  # what --init loaded (frugalseg.nn.weights.LoadReport)
+    spacing: list[float] | None = None  # the median voxel spacing of the volumes read (as stored, before resampling)
 
 
 def declared(method: str, cfg: Config, option: str = "--method") -> tuple[type, Any, MethodSpec]:
@@ -71,9 +72,9 @@ def assemble(method: str, cfg: Config, source, split: dict[str, Any] | None = No
 
     cls, options, spec = declared(method, cfg)
     check_spec(method, spec, cfg)
-    volumes = unlabelled = None
+    volumes = unlabelled = spacing = None
     if split is not None:  # the data first: everything that can fail on the user's input, before any work
-        volumes, unlabelled = _read(spec, cfg, source, split)
+        volumes, unlabelled, spacing = _read(spec, cfg, source, split)
     net = build_network(cfg.model, cfg.data.spatial_dims, source.in_channels, source.num_classes)
     check_spec(method, spec, cfg, getattr(net, "size_divisor", 1))
     load_report = load_pretrained(net, init, cfg.model.init_parts) if init is not None else None
@@ -98,24 +99,35 @@ def assemble(method: str, cfg: Config, source, split: dict[str, Any] | None = No
                                     d.foreground_oversample, d.augment)
         except Incompatible as exc:
             raise UserError(f"--method {method}: {exc}") from None
-    return Stage(module, sampler, spec, load_report)
+    return Stage(module, sampler, spec, load_report, spacing)
 
 
 def _read(spec: MethodSpec, cfg: Config, source, split: dict[str, Any]):
     """The preprocessed volumes of the stage: labelled (training) or label-free (pre-training) ones, and every
     training image without its label when the method declares an unlabelled stream."""
+    import numpy as np
+
     from frugalseg.data.preprocess import Preprocessor
 
     d = cfg.data
     pre = Preprocessor(d.normalisation, tuple(d.percentiles), tuple(d.spacing) if d.spacing else None,
                        d.spatial_dims)
+    spacings = []
+
+    def read(case: str, with_label: bool):
+        vol = source.load(case, with_label=with_label)
+        spacings.append(vol.spacing)
+        return pre(vol) if with_label else pre(vol).without_label()
+
     if spec.kind == PRETRAIN:
-        volumes = [pre(source.load(case, with_label=False)).without_label() for case in split["unlabelled_cases"]]
+        volumes = [read(case, False) for case in split["unlabelled_cases"]]
     else:
-        volumes = [pre(source.load(case)) for case in split["labelled_cases"]]
+        volumes = [read(case, True) for case in split["labelled_cases"]]
     unlabelled = None
     if spec.unlabelled is not None:
-        unlabelled = [pre(source.load(case, with_label=False)).without_label() for case in split["unlabelled_cases"]]
+        unlabelled = [read(case, False) for case in split["unlabelled_cases"]]
     if d.spatial_dims == 3 and any(v.image.ndim != 4 for v in [*volumes, *(unlabelled or [])]):
         raise UserError(f"--data {source.root}: 2-D images cannot train a 3-D model (set data.spatial_dims=2)")
-    return volumes, unlabelled
+    dims = min(len(sp) for sp in spacings)
+    spacing = [float(x) for x in np.median(np.array([sp[:dims] for sp in spacings]), axis=0)]
+    return volumes, unlabelled, spacing

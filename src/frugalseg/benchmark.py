@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from frugalseg.engine.trainer import has_checkpoint
 from frugalseg.errors import UserError
 from frugalseg.eval.plots import pyplot
-from frugalseg.files import write_json_atomic, write_text_atomic
+from frugalseg.files import LOCK_FILE, FolderLock, write_json_atomic, write_text_atomic
 from frugalseg.recipes import load_recipe, stage_key
-from frugalseg.run import RunRequest, run_stage
+from frugalseg.run import RunRequest, check_seed, run_stage
 
 MANIFEST = "benchmark.json"
 
@@ -85,8 +85,6 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
     from frugalseg.config import build_config
     from frugalseg.data.readers import open_source
     from frugalseg.engine import distributed as dist
-    from frugalseg.eval.evaluate import evaluate_model
-    from frugalseg.eval.inference import load_model
     from frugalseg.methods.base import TRAIN
 
     dist.setup()  # under torchrun every rank trains each stage; rank 0 alone evaluates and writes
@@ -98,10 +96,14 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
         raise UserError(f"--recipes: a recipe is listed twice ({','.join(recipes)})")
     if len(set(labelled)) != len(labelled) or len(set(seeds)) != len(seeds):
         raise UserError("--labelled/--seeds: a value is listed twice")
+    for s in seeds:
+        check_seed(s, "--seeds")
     source = open_source(data)
     eval_source = open_source(eval_data) if eval_data is not None else source
     if not eval_source.cases(split):
         raise UserError(f"--split {split}: no labelled case in {eval_source.root}")
+    source.check_cases(source.cases("all"))  # a damaged case of either folder is found before any training
+    eval_source.check_cases(eval_source.cases(split))
     pool = len(source.labelled_pool)
     for n in labelled:
         if n < 1 or n > pool:
@@ -118,15 +120,19 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
             except UserError as exc:
                 raise UserError(f"recipe {recipe.name}, stage {st.method}: {exc}") from None
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"--out {out}: exists and is not a benchmark folder")
-    manifest = {"data": str(source.root), "eval_data": str(eval_source.root), "split": split, "set": sets}
+    # folders compared as the places they are, however they were named (relative paths, links)
+    manifest = {"data": str(source.root.resolve()), "eval_data": str(eval_source.root.resolve()), "split": split,
+                "set": sets}
     if (out / MANIFEST).is_file():  # continuing (or extending) a benchmark: the fixed settings must agree
         before = json.loads((out / MANIFEST).read_text())
         for key, option in (("data", "--data"), ("eval_data", "--eval-data"), ("split", "--split"), ("set", "--set")):
-            if before.get(key) != manifest[key]:
-                raise UserError(f"--out {out}: this benchmark was started with {option} {before.get(key)!r}, "
-                                f"not {manifest[key]!r} (use another --out)")
+            was, now = before.get(key), manifest[key]
+            same = (Path(str(was)).resolve() == Path(now).resolve()) if key in ("data", "eval_data") else was == now
+            if not same:
+                raise UserError(f"--out {out}: this benchmark was started with {option} {was!r}, not {now!r} "
+                                "(use another --out)")
     cells = [(r, n, s) for r in loaded for n in labelled for s in seeds]
     keys = {r.name: stage_key(r.stages, sets) for r in loaded}
 
@@ -145,14 +151,26 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
                 raise UserError(f"{run_dir}: made by another definition of recipe {recipe.name} (its stages, their "
                                 f"settings or the defaults changed since); use another --out")
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
-        write_text_atomic(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labelled": labelled,
-                                                      "seeds": seeds}, indent=1))
-    dist.barrier()
+    lock = FolderLock(out) if main else None  # one benchmark process per folder
+    try:
+        if main:
+            write_text_atomic(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labelled": labelled,
+                                                          "seeds": seeds}, indent=1))
+        dist.barrier()
+        return _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_source, keys, where,
+                          reads_labels, show_progress, report)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_source, keys, where, reads_labels,
+               show_progress, report) -> list[dict[str, Any]]:
+    from frugalseg.engine import distributed as dist
+    from frugalseg.eval.evaluate import evaluate_model
+    from frugalseg.eval.inference import load_model
+
+    main = dist.is_main()
 
     earlier = {where(r, i, n, s) for r, n, s in cells for i in range(len(r.stages) - 1)}
     rows: list[dict[str, Any]] = []
@@ -194,7 +212,8 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
         wall = time.perf_counter() - t0  # this invocation's training (or its resumed part) and evaluation
         row = {"recipe": recipe.name, "labelled": n, "seed": s, "split": split,
                "mean_dice": results["mean_dice"], **{f"dice_{k}": v for k, v in results["per_class_dice"].items()},
-               "mean_hd95": results["mean_hd95"], "train_seconds": _finished(cell_dir),
+               "mean_hd95": results["mean_hd95"], "hd95_unit": results["hd95_unit"],
+               "train_seconds": _finished(cell_dir),
                "pretrain_seconds": pre_seconds, "wall_seconds": wall}
         write_json_atomic({**row, "recipe_key": keys[recipe.name]}, done)
         rows.append(row)
@@ -345,8 +364,10 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
                 cells.append(_cell(diffs, signed=True))
             lines.append(f"| {rec} | " + " | ".join(cells) + " |")
     fg = class_names[1:]
+    units = {r.get("hd95_unit", "mm") for r in rows}  # cells written before units were recorded: mm
+    unit = units.pop() if len(units) == 1 else "mixed units"
     lines += ["", "Per-class Dice (mean over seeds):", "",
-              "| recipe | N | " + " | ".join(fg) + " | HD95 mm |", "|---|---|" + "---|" * (len(fg) + 1)]
+              "| recipe | N | " + " | ".join(fg) + f" | HD95 ({unit}) |", "|---|---|" + "---|" * (len(fg) + 1)]
     for rec in recipes:
         for n in ns:
             if (rec, n) not in by:
@@ -354,6 +375,8 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
             xs = by[(rec, n)]
             lines.append(f"| {rec} | {n} | " + " | ".join(f"{np.mean([x[f'dice_{k}'] for x in xs]):.3f}" for k in fg)
                          + f" | {np.mean([x['mean_hd95'] for x in xs]):.1f} |")
+    if unit == "voxel":
+        lines += ["", "HD95 is in voxels: the data's files store no voxel spacing."]
     lines += ["", "Compute per run on this machine (seconds, mean over cells; a chain of pre-training stages is "
               "shared by every N of a seed):", "",
               "| recipe | stages before the last | last stage |", "|---|---|---|"]

@@ -116,8 +116,10 @@ def _table(results: dict, title: str) -> str:
                      + f" {sum(vals) / len(vals):>8.3f}")
     lines.append(f"{'mean':<{width}} " + " ".join(f"{results['per_class_dice'][n]:>10.3f}" for n in names)
                  + f" {results['mean_dice']:>8.3f}")
+    unit = results.get("hd95_unit", "mm")
+    unit = {"voxel": "voxels (the files store no spacing)"}.get(unit, unit)
     lines.append(f"mean Dice {results['mean_dice']:.4f} (sd over volumes {results['sd_dice']:.4f}), "
-                 f"mean HD95 {results['mean_hd95']:.2f} mm, {results['n_cases']} volumes")
+                 f"mean HD95 {results['mean_hd95']:.2f} {unit}, {results['n_cases']} volumes")
     return "\n".join(lines)
 
 
@@ -199,7 +201,7 @@ def predict(
     """Segment one image."""
     from frugalseg.eval.predict import predict_file
 
-    predict_file(run_dir, input, output, force)
+    predict_file(run_dir, input, output, force, report=_say)
     typer.echo(f"written {output}")
 
 

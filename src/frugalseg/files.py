@@ -61,6 +61,24 @@ def save_atomic(obj: Any, path: Path | str) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def why_unreadable(exc: BaseException, path: Path | str) -> str:
+    """A short reason why ``torch.load(weights_only=True)`` refused the file ``path``, in the user's terms."""
+    import zipfile
+
+    text = str(exc)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        saved = zipfile.is_zipfile(path) or head[:1] == b"\x80"  # torch.save's zip, or a pickle with a protocol
+    except OSError:
+        saved = False
+    if saved and ("GLOBAL" in text or "Unsupported global" in text):
+        return "it holds pickled Python objects besides tensors, and nothing but tensors is ever unpickled"
+    if isinstance(exc, EOFError) or "zip" in text.lower() or "Weights only load failed" in text or not text:
+        return "damaged, or not a PyTorch file"
+    return text.strip().splitlines()[0][:160]
+
+
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a tensor file written by this project (``weights_only=True``), one-line error if unreadable."""
     import torch
@@ -68,8 +86,66 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: corrupt or incompatible checkpoint ({reason})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({why_unreadable(exc, path)})") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path}: corrupt or incompatible checkpoint (not a mapping)")
+        raise UserError(f"{path}: not a readable checkpoint (it holds no mapping of tensors)")
     return obj
+
+
+LOCK_FILE = ".lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder for this process (``fcntl.flock`` on ``<folder>/.lock``, which holds the pid).
+
+    The operating system releases it when the process ends, however it ends, so a lock left by a dead process is
+    never in the way. A second process that asks for it gets a one-line :class:`UserError` naming the holder. The
+    lock file is removed on release (the folder keeps only what the run wrote).
+    """
+
+    def __init__(self, folder: Path | str, option: str = "--out") -> None:
+        import fcntl
+
+        self.folder, self.created = Path(folder), not Path(folder).exists()
+        path = self.folder / LOCK_FILE
+        for _ in range(10):  # the file may be removed between open and flock by the holder's release: retry
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UserError(f"{option} {folder}: cannot write ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(self._fd, 32).decode(errors="replace").strip() or "?"
+                os.close(self._fd)
+                raise UserError(f"{option} {folder}: another frugalseg process (pid {holder}) is writing this "
+                                "folder; wait for it to end or choose another folder") from None
+            try:
+                if os.fstat(self._fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)  # we locked a file that was removed meanwhile: take the new one
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def release(self, remove_if_unused: bool = False) -> None:
+        """Unlock and remove the lock file; with ``remove_if_unused``, also remove the folder if this lock created
+        it and nothing else was written into it (a run refused before its first file leaves no trace)."""
+        if self._fd < 0:
+            return
+        try:
+            (self.folder / LOCK_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = -1
+        if remove_if_unused and self.created and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release(remove_if_unused=exc[0] is not None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -14,26 +15,68 @@ import yaml
 
 from frugalseg.config import Config, build_config, config_from_dict, configs_dir, read_yaml, save_config
 from frugalseg.errors import UserError
+from frugalseg.files import LOCK_FILE
 
 RUN_MARKER = "run.json"
 
 
+# what frugalseg writes into a run folder; --force removes a folder only when everything in it is one of these
+RUN_ENTRIES = {"config.yaml", "split.json", RUN_MARKER, "log.jsonl", "tb", "checkpoint.pt", "checkpoint.prev.pt",
+               "checkpoint.damaged.pt", "model.pt", "best.pt", "learning_curve.png", "init_report.json", "cell.json",
+               LOCK_FILE}
+RUN_PATTERNS = ("eval_*.json", ".tmp-*")
+RUN_KEYS = ("method", "seed", "status", "frugalseg")  # keys every run.json of ours holds
+DEMO_MARKER = "demo.json"
+DEMO_ENTRIES = {DEMO_MARKER, "data", "run", "learning_curve.png", "prediction_overlay.png", LOCK_FILE}
+
+
+def _ours(out: Path) -> str | None:
+    """Why ``out`` is not a folder frugalseg made (``None`` when it is): a run folder (its ``run.json`` holds our
+    keys, every entry is one we write) or a demo folder."""
+    if (out / DEMO_MARKER).is_file():
+        try:
+            ok = json.loads((out / DEMO_MARKER).read_text()).get("kind") == "frugalseg demo"
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            return f"its {DEMO_MARKER} was not written by frugalseg"
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
+        return f"it holds {foreign[0]!r}, which frugalseg did not write" if foreign else None
+    try:
+        meta = json.loads((out / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return f"it has no readable {RUN_MARKER}"
+    if not isinstance(meta, dict) or any(k not in meta for k in RUN_KEYS):
+        return f"its {RUN_MARKER} was not written by frugalseg"
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in RUN_ENTRIES and not any(fnmatch.fnmatch(p.name, pat) for pat in RUN_PATTERNS))
+    return f"it holds {foreign[0]!r}, which frugalseg did not write" if foreign else None
+
+
+def _entries(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+
+
 def prepare_dir(out: Path, resume: bool, force: bool, option: str = "--out") -> None:
-    """Create ``out`` for a new run, or check it for ``--resume``. Never overwrites without ``--force``."""
+    """Check ``out`` for a new run (or for ``--resume``) and empty it when ``--force`` allows. Never overwrites
+    without ``--force``, and ``--force`` only ever empties a folder frugalseg made, with nothing of the user's in it.
+    The caller holds the folder's lock (``files.FolderLock``)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out}: exists and is not a folder")
-    non_empty = out.is_dir() and any(out.iterdir())
     if resume:
         if not (out / RUN_MARKER).is_file():
             raise UserError(f"{option} {out}: nothing to resume (no {RUN_MARKER} in the folder)")
         return
-    if non_empty:
+    if _entries(out):
         if not force:
             raise UserError(f"{option} {out}: already exists; pass --resume to continue it or --force to overwrite")
-        if not (out / RUN_MARKER).is_file() and not (out / "demo.json").is_file():
-            raise UserError(f"{option} {out}: --force only overwrites a frugalseg run folder, and this is not one")
-        shutil.rmtree(out)
+        why = _ours(out)
+        if why is not None:
+            raise UserError(f"{option} {out}: --force only overwrites a frugalseg run folder, and this is not one "
+                            f"({why})")
+        for entry in _entries(out):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out)
@@ -75,24 +118,32 @@ class RunRequest:
     force: bool = False
 
 
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{option} {seed}: a seed must be between 0 and {MAX_SEED}")
+
+
 def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict[str, Any]:
     """Run one stage into ``req.out``: ``config.yaml`` (resolved), ``split.json`` (which cases were read with
     labels), ``run.json`` (method, data, versions, git revision), ``log.jsonl`` + ``tb/``, ``checkpoint.pt`` and
-    finally ``model.pt`` (the network only: heads, predictors and teachers are dropped, ready for ``--init``)."""
-    from frugalseg.assemble import assemble, declared
+    finally ``model.pt`` (the network only: heads, predictors and teachers are dropped, ready for ``--init``).
+
+    Everything that can fail on the user's input (options, the data's every case header, the folder, a resume's
+    agreement with what the run recorded) fails before anything is written. The folder is locked for the run.
+    """
+    from frugalseg.assemble import declared
     from frugalseg.data.readers import open_source
     from frugalseg.data.splits import few_label_split, pretrain_split
     from frugalseg.engine import distributed as dist
-    from frugalseg.engine.optim import build_optimizer, build_scheduler
-    from frugalseg.engine.repro import seed_everything, set_threads
-    from frugalseg.engine.tracking import read_log
-    from frugalseg.engine.trainer import BEST, fit, has_checkpoint
-    from frugalseg.eval.inference import MODEL_FILE
-    from frugalseg.files import load_checkpoint, save_atomic, write_json_atomic
+    from frugalseg.files import FolderLock
     from frugalseg.methods.base import PRETRAIN
     from frugalseg.registry import method_class
 
-    out, method, seed, labelled, init = Path(req.out), req.method, req.seed, req.labelled, req.init
+    out, method, seed, labelled = Path(req.out), req.method, req.seed, req.labelled
+    check_seed(seed)
     device = dist.setup()  # joins the job when launched by torchrun; rank 0 alone writes files and reports
     main = dist.is_main()
     if not main:
@@ -100,35 +151,93 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
             return None
     method_class(method)  # an unknown name is refused before the data is opened
     source = open_source(req.data)
-    if req.resume:
-        prepare_dir(out, resume=True, force=False)
-        meta = json.loads((out / RUN_MARKER).read_text())
-        for key, value in (("method", method), ("labelled", labelled), ("seed", seed)):
-            if _recorded(meta, key) != value:
-                raise UserError(f"--resume {out}: the run was started with {key}={_recorded(meta, key)!r}, "
-                                f"not {value!r}")
-        if meta.get("status") == "finished":
-            raise UserError(f"--resume {out}: this run already finished")
-        cfg = config_from_dict(read_yaml(out / "config.yaml"), str(out / "config.yaml"))
-        split = json.loads((out / "split.json").read_text())
-        # a checkpoint already holds the initialised weights; without one the run restarts from the recorded init
-        init = None if has_checkpoint(out) else meta.get("init")
-    else:
-        cfg = build_config(source.default_spatial_dims, req.config_file, req.sets, req.extra_config, source.format,
-                           method)
+    cfg = build_config(source.default_spatial_dims, req.config_file, req.sets, req.extra_config, source.format,
+                       method)
     kind = declared(method, cfg)[2].kind
     if labelled is None and kind != PRETRAIN:
         raise UserError(f"--method {method}: not a pre-training method (use `frugalseg train`)")
     if labelled is not None and kind == PRETRAIN:
         raise UserError(f"--method {method}: a pre-training method (use `frugalseg pretrain`)")
-    if not req.resume:
+    if req.resume:
+        prepare_dir(out, resume=True, force=False)
+        cfg, split, meta, init = _resumable(out, req, cfg, source)
+    else:
         split = few_label_split(source, labelled, seed) if labelled is not None else pretrain_split(source)
+        init, meta = req.init, None
         if init is not None and not Path(init).is_file():
             raise UserError(f"--init {init}: weights file not found")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not req.force:
+        if out.exists() and (not out.is_dir() or _entries(out)) and not req.force:
             prepare_dir(out, resume=False, force=False)  # raises the one-line error before any work
+    source.check_cases(source.cases("all"))  # a damaged case of any split is found now, not after training
+    lock = FolderLock(out) if main else None
+    try:
+        return _run_locked(req, cfg, source, split, init, meta, device, show_progress, report)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_if_unused=True)
+            lock = None
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
-    # everything that can fail on the user's input happens before the run directory is written
+
+def _resumable(out: Path, req: RunRequest, requested, source):
+    """What a ``--resume`` continues from: the recorded configuration, split, ``run.json`` and initial weights —
+    refused in one line when the request differs from what the run recorded, when the run finished, or when its
+    checkpoints are gone after it had made progress."""
+    from frugalseg.engine.tracking import read_log
+    from frugalseg.engine.trainer import has_checkpoint
+
+    meta = json.loads((out / RUN_MARKER).read_text())
+    for key, value in (("method", req.method), ("labelled", req.labelled), ("seed", req.seed)):
+        if _recorded(meta, key) != value:
+            raise UserError(f"--resume {out}: the run was started with {key}={_recorded(meta, key)!r}, "
+                            f"not {value!r}")
+    if meta.get("status") == "finished":
+        raise UserError(f"--resume {out}: this run already finished")
+    if Path(meta.get("data", "")).resolve() != source.root.resolve():
+        raise UserError(f"--resume {out}: the run was started on --data {meta.get('data')}, not {source.root}")
+    cfg = config_from_dict(read_yaml(out / "config.yaml"), str(out / "config.yaml"))
+    if cfg != requested:
+        key, was, now = _first_difference(cfg.to_dict(), requested.to_dict())
+        raise UserError(f"--resume {out}: the run was started with config key '{key}' = {was!r}, not {now!r} "
+                        "(resume with the same --set/--config, or start another run)")
+    if req.init is not None and str(req.init) != str(meta.get("init")):
+        raise UserError(f"--resume {out}: the run was started with --init {meta.get('init')}, not {req.init}")
+    split = json.loads((out / "split.json").read_text())
+    logged = [e["step"] for e in read_log(out) if "loss" in e]
+    if not has_checkpoint(out) and logged and max(logged) >= cfg.train.checkpoint_every:
+        raise UserError(f"--resume {out}: its checkpoints are gone (the run had reached step {max(logged)}); "
+                        "restarting would silently begin again from step 0 - start a new run with --force instead")
+    # a checkpoint already holds the initialised weights; without one the run restarts from the recorded init
+    init = None if has_checkpoint(out) else meta.get("init")
+    return cfg, split, meta, init
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> tuple[str, Any, Any]:
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            if x != y:
+                return _first_difference(x, y, f"{prefix}{key}.")
+        elif x != y:
+            return f"{prefix}{key}", x, y
+    return prefix.rstrip("."), a, b
+
+
+def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_progress, report) -> dict[str, Any]:
+    from frugalseg.assemble import assemble
+    from frugalseg.engine import distributed as dist
+    from frugalseg.engine.optim import build_optimizer, build_scheduler
+    from frugalseg.engine.repro import seed_everything, set_threads
+    from frugalseg.engine.tracking import read_log
+    from frugalseg.engine.trainer import BEST, fit
+    from frugalseg.eval.inference import MODEL_FILE
+    from frugalseg.files import load_checkpoint, save_atomic, write_json_atomic
+
+    out, method, seed, labelled = Path(req.out), req.method, req.seed, req.labelled
+    main = dist.is_main()
     threads = set_threads(cfg.train.num_threads)
     seed_everything(seed, cfg.train.deterministic)
     stage = assemble(method, cfg, source, split, seed, init)  # after --init: EMA targets start from the weights
@@ -170,7 +279,7 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
         return summary
     net_state = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
     model_meta = {"config": cfg.to_dict(), "class_names": source.class_names, "in_channels": source.in_channels,
-                  "method": method, "kept": "last"}
+                  "method": method, "kept": "last", "orientation": "RAS", "spacing": stage.spacing}
     if cfg.train.keep == "best" and (out / BEST).is_file():  # the weights of the best validation score
         best = load_checkpoint(out / BEST)
         net_state = best["network"]

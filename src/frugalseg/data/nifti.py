@@ -58,3 +58,39 @@ def _nifti_bytes(img, compress: bool) -> bytes:
     import gzip
 
     return gzip.compress(raw, compresslevel=6)
+
+
+def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``data`` (first three axes spatial) and ``affine`` turned to the closest RAS orientation by flips and axis
+    permutations (no resampling); returns ``(data, affine, ornt)``, ``ornt`` the nibabel orientation that undoes
+    nothing by itself (see :func:`from_ras`). 2-D data is returned as it is."""
+    from nibabel import orientations as o
+
+    if data.ndim < 3:
+        return data, affine, np.array([[0, 1], [1, 1]], dtype=float)
+    ornt = o.io_orientation(affine)
+    if np.array_equal(ornt, o.axcodes2ornt(("R", "A", "S"))):
+        return data, affine, ornt
+    ras = o.apply_orientation(data, ornt)
+    new_affine = affine @ o.inv_ornt_aff(ornt, data.shape[:3])
+    return np.ascontiguousarray(ras), new_affine, ornt
+
+
+def from_ras(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Undo :func:`to_ras` on an array of the RAS grid (a label map): back to the file's own axis order."""
+    from nibabel import orientations as o
+
+    if data.ndim < 3 or np.array_equal(ornt, o.axcodes2ornt(("R", "A", "S"))):
+        return data
+    back = o.ornt_transform(o.axcodes2ornt(("R", "A", "S")), ornt)
+    return np.ascontiguousarray(o.apply_orientation(data, back))
+
+
+def permuted_spacing(zooms: tuple[float, ...], ornt: np.ndarray) -> tuple[float, ...]:
+    """The voxel spacing along the axes of the RAS grid :func:`to_ras` made."""
+    if len(zooms) < 3:
+        return tuple(zooms)
+    out = [0.0] * 3
+    for axis, (target, _) in enumerate(ornt[:3]):
+        out[int(target)] = zooms[axis]
+    return tuple(out) + tuple(zooms[3:])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from frugalseg.data.volume import Volume, slice_axis
+from frugalseg.errors import UserError
 
 CT_WINDOWS = {"abdomen": (-175.0, 250.0), "head-neck": (0.0, 1700.0), "chest": (-500.0, 1000.0)}
 EPS = 1e-8
@@ -25,13 +26,18 @@ def normalise(image: np.ndarray, method: str, percentiles: tuple[float, float] =
     out = np.empty_like(image, dtype=np.float32)
     for c, chan in enumerate(image.astype(np.float32, copy=False)):
         if method == "zscore":
-            out[c] = (chan - chan.mean()) / max(float(chan.std()), EPS)
+            with np.errstate(over="ignore", invalid="ignore"):
+                mean, std = chan.mean(), float(chan.std())
+            if not (np.isfinite(mean) and np.isfinite(std)):  # one extreme voxel overflows float32 statistics
+                chan = chan.astype(np.float64)
+                mean, std = chan.mean(), float(chan.std())
+            out[c] = (chan - mean) / max(std, EPS)
         elif method == "percentile":
             lo, hi = np.percentile(chan, percentiles)
             out[c] = (np.clip(chan, lo, hi) - lo) / max(hi - lo, EPS)
         elif method == "minmax":
             lo, hi = float(chan.min()), float(chan.max())
-            out[c] = (chan - lo) / max(hi - lo, EPS)
+            out[c] = (chan.astype(np.float64) - lo) / max(hi - lo, EPS)
         elif method.startswith("ct:"):
             lo, hi = CT_WINDOWS[method[3:]]
             out[c] = (np.clip(chan, lo, hi) - lo) / (hi - lo)
@@ -86,7 +92,11 @@ class Preprocessor:
         return tuple(max(1, round(n * s / t)) for n, s, t in zip(vol.spatial_shape, vol.spacing, target))
 
     def __call__(self, vol: Volume) -> Volume:
-        image = normalise(vol.image, self.normalisation, self.percentiles)
+        with np.errstate(over="ignore", invalid="ignore"):
+            image = normalise(vol.image, self.normalisation, self.percentiles)
+        if not np.isfinite(image).all():
+            raise UserError(f"case {vol.case_id}: its intensities do not fit data.normalisation "
+                            f"{self.normalisation} (values beyond float32 after normalising); check the image")
         label = vol.label
         spacing = vol.spacing
         shape = self.target_shape(vol)
@@ -95,7 +105,7 @@ class Preprocessor:
             if label is not None:
                 label = resize(label[None].astype(np.float32), shape, "nearest")[0].astype(np.int64)
             spacing = self.target_spacing(vol)
-        return Volume(vol.case_id, image.astype(np.float32), label, vol.affine, spacing)
+        return Volume(vol.case_id, image.astype(np.float32), label, vol.affine, spacing, vol.spacing_known)
 
     @staticmethod
     def restore_shape(probabilities: np.ndarray, original_shape: tuple[int, ...]) -> np.ndarray:

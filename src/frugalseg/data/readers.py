@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from frugalseg.data.checks import check_affines, check_image, check_label, check_pair
-from frugalseg.data.nifti import read_nifti
+from frugalseg.data.nifti import permuted_spacing, read_nifti, to_ras
 from frugalseg.data.volume import Volume
 from frugalseg.errors import UserError
 
@@ -52,6 +52,11 @@ class DataSource:
         return list(self.splits.get(split, []))
 
     def load(self, case_id: str, with_label: bool = True) -> Volume:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def check_cases(self, cases: list[str]) -> None:  # pragma: no cover - overridden
+        """Read every case's header (shapes, types, affines, label presence) without its voxels: a damaged case
+        is found before any training or evaluation starts, in one line naming its file."""
         raise NotImplementedError
 
 
@@ -123,11 +128,15 @@ class DecathlonSource(DataSource):
             return cases
         if not isinstance(entries, list):
             raise UserError(f"{meta_path}: '{key}' must be a list")
+        listed: set[str] = set()
         for entry in entries:
             if isinstance(entry, str):
                 if entry.endswith((".nii", ".nii.gz")):  # Decathlon test lists hold bare image paths
                     entry = {"image": entry}
                 else:
+                    if entry in listed:
+                        raise UserError(f"{meta_path}: case {entry!r} is listed twice under '{key}'")
+                    listed.add(entry)
                     cases.append(entry)  # a case id already listed under "training"
                     continue
             if not isinstance(entry, dict) or "image" not in entry:
@@ -137,6 +146,12 @@ class DecathlonSource(DataSource):
             if need_label and label is None:
                 raise UserError(f"{meta_path}: '{key}' entry {entry['image']} has no 'label'")
             case = _case_id(image)
+            if case in self._images and self._images[case] != [image]:
+                raise UserError(f"{meta_path}: two images have the case id {case!r}: {self._images[case][0]} and "
+                                f"{image} (case ids come from file names and must be unique)")
+            if case in listed:
+                raise UserError(f"{meta_path}: case {case!r} is listed twice under '{key}'")
+            listed.add(case)
             self._images[case] = [image]
             self._labels[case] = label
             cases.append(case)
@@ -180,7 +195,32 @@ class DecathlonSource(DataSource):
             check_pair(image.shape[1:], lab.shape, label_path)
             check_affines(affine, lab_aff, label_path)
             label = check_label(lab, label_path, self.num_classes)
+        if image.ndim == 4:  # every 3-D volume in the RAS orientation (flips and axis permutations only)
+            ras, ras_affine, ornt = to_ras(np.moveaxis(image, 0, -1), affine)
+            image = np.ascontiguousarray(np.moveaxis(ras, -1, 0))
+            label = None if label is None else to_ras(label, affine)[0]
+            affine, spacing = ras_affine, permuted_spacing(spacing, ornt)
         return Volume(case_id, image, label, affine, spacing)
+
+    def check_cases(self, cases: list[str]) -> None:
+        import nibabel as nib
+
+        for case in cases:
+            paths = [*self._images[case], *([self._labels[case]] if self._labels.get(case) else [])]
+            shapes = []
+            for path in paths:
+                if not path.is_file():
+                    raise UserError(f"{path}: file not found")
+                try:
+                    img = nib.load(str(path))
+                    shapes.append((tuple(img.shape), np.asarray(img.affine)))
+                except Exception as exc:  # nibabel raises many types for a damaged header
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise UserError(f"{path}: cannot read NIfTI ({reason})") from None
+            if self._labels.get(case):
+                (image_shape, image_affine), (label_shape, label_affine) = shapes[0], shapes[-1]
+                check_pair(image_shape[:3], label_shape[:3], self._labels[case])
+                check_affines(image_affine, label_affine, self._labels[case])
 
 
 def _case_id(path: Path) -> str:
@@ -234,6 +274,13 @@ class SSL4MISSource(DataSource):
                     raise UserError(f"{lst}: cannot read ({exc})") from None
         if not splits.get("train"):
             raise UserError(f"{root / 'train.list'}: missing or empty")
+        seen: dict[str, str] = {}
+        for name, cases in splits.items():
+            for case in cases:
+                if case in seen:
+                    where = "twice" if seen[case] == name else f"in {seen[case]}.list too"
+                    raise UserError(f"{root / (name + '.list')}: case {case} is listed {where}")
+                seen[case] = name
         self._slices: dict[str, list[Path]] = {}
         by_frame: dict[str, dict[int, Path]] = {}
         for path in data_dir.glob("*_slice_*.h5"):
@@ -268,8 +315,10 @@ class SSL4MISSource(DataSource):
             with h5py.File(path, "r") as f:
                 if "image" not in f:
                     raise UserError(f"{path}: no 'image' dataset")
+                if with_label and "label" not in f:
+                    raise UserError(f"{path}: no 'label' dataset")
                 image = np.asarray(f["image"][()])
-                label = np.asarray(f["label"][()]) if with_label and "label" in f else None
+                label = np.asarray(f["label"][()]) if with_label else None
         except UserError:
             raise
         except Exception as exc:
@@ -302,8 +351,30 @@ class SSL4MISSource(DataSource):
             if lab is not None:
                 check_pair(img.shape, lab.shape, path)
                 label = check_label(lab, path, self.num_classes)
-        # SSL4MIS stores no spacing; slices are along axis 0. Mark that axis as the coarse one.
-        return Volume(case_id, image[None], label, np.eye(4), (10.0, 1.0, 1.0))
+        # SSL4MIS stores no spacing; slices are along axis 0. Mark that axis as the coarse one (nominal spacing:
+        # distances measured on these volumes are in voxels, not mm).
+        return Volume(case_id, image[None], label, np.eye(4), (10.0, 1.0, 1.0), spacing_known=False)
+
+    def check_cases(self, cases: list[str]) -> None:
+        import h5py
+
+        for case in cases:
+            paths = self._slices.get(case) or [self.root / "data" / f"{case}.h5"]
+            want = 2 if case in self._slices else 3
+            for path in paths:
+                try:
+                    with h5py.File(path, "r") as f:
+                        for key in ("image", "label"):
+                            if key not in f:
+                                raise UserError(f"{path}: no {key!r} dataset")
+                        if f["image"].ndim != want or f["image"].shape != f["label"].shape:
+                            raise UserError(f"{path}: image {f['image'].shape} and label {f['label'].shape} "
+                                            f"should be {want}-D of one shape")
+                except UserError:
+                    raise
+                except Exception as exc:
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise UserError(f"{path}: cannot read HDF5 ({reason})") from None
 
 
 def open_source(path: Path | str) -> DataSource:

@@ -17,6 +17,8 @@ class Volume:
         label: ``(*spatial)`` int64 class indices, or ``None`` for an unlabelled case.
         affine: 4x4 voxel-to-world matrix (identity when the format stores none).
         spacing: voxel size per spatial axis in mm (1.0 where unknown).
+        spacing_known: whether ``spacing`` was read from the file (distances are then in mm) or is nominal (the
+            SSL4MIS files store none: distances are then in voxels).
     """
 
     case_id: str
@@ -24,6 +26,7 @@ class Volume:
     label: np.ndarray | None
     affine: np.ndarray
     spacing: tuple[float, ...]
+    spacing_known: bool = True
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:

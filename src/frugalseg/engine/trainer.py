@@ -108,6 +108,7 @@ class StepRunner:
         if dist.active():
             from torch.nn.parallel import DistributedDataParallel
 
+            _agree_on_strides(method)
             # BatchNorm statistics are already global; buffers (EMA teachers, queues) are broadcast from rank 0
             self.engine = DistributedDataParallel(self.engine,
                                                   device_ids=[device.index] if device.type == "cuda" else None,
@@ -147,6 +148,21 @@ class StepRunner:
 def _net_state(method: nn.Module) -> dict[str, torch.Tensor]:
     """The kept network's weights, on the CPU, in the default memory layout."""
     return {k: v.detach().cpu().contiguous() for k, v in method.net.state_dict().items()}
+
+
+def _agree_on_strides(method: nn.Module) -> None:
+    """Give the default strides to parameters that are contiguous but spelled otherwise.
+
+    A weight with a dimension of size 1 (a 1x1(x1) kernel, a convolution of a one-channel image) has, in channels-
+    last memory, strides such as ``(27, 1, 9, 3, 1)`` while its gradient comes out as ``(27, 27, 9, 3, 1)`` — the
+    same layout: strides of size-1 dimensions are never used —, and DistributedDataParallel, whose gradient buckets
+    follow the parameter's strides, warns on every rank. The values and the computation are unchanged.
+    """
+    with torch.no_grad():
+        for p in method.parameters():
+            default = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            if p.is_contiguous() and p.stride() != default.stride():
+                p.data = default.copy_(p.data)
 
 
 class _NoLog:

@@ -38,18 +38,24 @@ def evaluate_model(model: TrainedModel, data: Path | str, split: str, show_progr
     cases = source.cases(split)
     if not cases:
         raise UserError(f"--split {split}: no labelled case in {source.root}")
-    results, kept = [], []
+    source.check_cases(cases)  # a damaged case is found before the first prediction, not after the last
+    results, kept, units = [], [], set()
     for case in tqdm(cases, desc=f"evaluate {split}", disable=None if show_progress else True, leave=False):
         vol = source.load(case)
         if vol.label is None:
             raise UserError(f"--split {split}: case {case} has no label")
         pred = segment(model, vol)
-        m = case_metrics(pred, vol.label, model.class_names, vol.spacing)
+        # distances in mm where the file stores its spacing, in voxels where it does not (SSL4MIS)
+        spacing = vol.spacing if vol.spacing_known else (1.0,) * len(vol.spacing)
+        units.add("mm" if vol.spacing_known else "voxel")
+        m = case_metrics(pred, vol.label, model.class_names, spacing)
         results.append({"case": case, **m})
         if len(kept) < keep_predictions:
             kept.append((vol, pred))
     summary = summarise(results, model.class_names)
-    return {**summary, "split": split, "data": str(source.root), "n_cases": len(results), "cases": results}, kept
+    unit = units.pop() if len(units) == 1 else "mixed (mm where stored, else voxels)"
+    return {**summary, "hd95_unit": unit, "split": split, "data": str(source.root), "n_cases": len(results),
+            "cases": results}, kept
 
 
 def validator(net, cfg, source, device, split: str = "val"):

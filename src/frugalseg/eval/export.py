@@ -55,7 +55,7 @@ def export_onnx(run_dir: Path, output: Path, force: bool = False) -> float:
                           output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
     proto = onnx.load_from_string(buffer.getvalue())
     meta = {"config": model.cfg.to_dict(), "class_names": model.class_names, "in_channels": model.in_channels,
-            "source": str(run_dir)}
+            "source": str(run_dir), "spacing": model.spacing}
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
     data = proto.SerializeToString()
@@ -108,4 +108,5 @@ def load_onnx_model(path: Path) -> TrainedModel:
         raise UserError(f"{path}: unreadable ONNX model ({type(exc).__name__})") from None
     cfg.train.bf16 = False
     net = OnnxNet(session, tuple(cfg.data.patch_size), cfg.eval.sw_overlap)
-    return TrainedModel(net, cfg, list(meta["class_names"]), int(meta["in_channels"]), torch.device("cpu"))
+    return TrainedModel(net, cfg, list(meta["class_names"]), int(meta["in_channels"]), torch.device("cpu"),
+                        meta.get("spacing"))

@@ -29,6 +29,7 @@ class TrainedModel:
     class_names: list[str]
     in_channels: int
     device: torch.device
+    spacing: list[float] | None = None  # the training volumes' median voxel spacing (RAS axis order), if recorded
 
     @property
     def spatial_dims(self) -> int:
@@ -65,7 +66,7 @@ def load_model(run_dir: Path, device: torch.device | None = None) -> TrainedMode
 
         device = pick_device()
     net.to(device).eval()
-    return TrainedModel(net, cfg, list(meta["class_names"]), int(meta["in_channels"]), device)
+    return TrainedModel(net, cfg, list(meta["class_names"]), int(meta["in_channels"]), device, meta.get("spacing"))
 
 
 def _autocast(model: TrainedModel):

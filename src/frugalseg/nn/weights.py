@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from frugalseg.errors import UserError
+from frugalseg.files import why_unreadable
 
 WRAPPER_KEYS = ("network", "state_dict", "model", "net", "student", "network_weights")
 PREFIXES = ("module.", "_orig_mod.")
@@ -27,8 +28,7 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")  # a foreign file's unpickler warnings: the one-line error says enough
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged or foreign file makes the unpickler raise nearly anything
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a loadable PyTorch checkpoint ({reason})") from None
+        raise UserError(f"{path}: not a loadable PyTorch checkpoint ({why_unreadable(exc, path)})") from None
     for _ in range(3):
         if isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
             inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
