@@ -161,7 +161,7 @@ def _cases(phantoms_2d, models, tmp: Path):
          f"{good}: is the input scan itself; choose another output (--force never overwrites an input)"),
         ("disk full writing a prediction", ["predict", m2d, good, inp / "p.nii.gz"],
          f"{inp / 'p.nii.gz'}: No space left on device"),
-        ("disk full writing an evaluation", ["evaluate", m2d, "--data", phantoms_2d, "--split", "val"],
+        ("disk full writing an evaluation", ["evaluate", m2d, "--data", phantoms_2d, "--split", "val", "--quiet"],
          f"{m2d / 'eval_val.json'}: No space left on device"),
     ]
 

@@ -33,9 +33,10 @@ def trained(phantoms_2d, tmp_path_factory):
 
 
 def test_train_writes_a_complete_run_dir(trained):
-    for name in ("config.yaml", "split.json", "run.json", "log.jsonl", "checkpoint.pt", "model.pt",
-                 "learning_curve.png"):
+    for name in ("config.yaml", "split.json", "run.json", "log.jsonl", "model.pt", "learning_curve.png"):
         assert (trained / name).exists(), name
+    # the full training state is removed once model.pt is written (--keep-checkpoint keeps it)
+    assert not (trained / "checkpoint.pt").exists() and not (trained / "checkpoint.prev.pt").exists()
     split = json.loads((trained / "split.json").read_text())
     assert len(split["labelled_cases"]) == 2 and split["seed"] == 1
     meta = json.loads((trained / "run.json").read_text())
@@ -159,7 +160,7 @@ def test_resume_with_a_corrupt_checkpoint_is_one_line(trained, phantoms_2d, tmp_
     meta["status"] = "running"
     (copy / "run.json").write_text(json.dumps(meta))
     (copy / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
-    (copy / "checkpoint.prev.pt").unlink()  # no earlier checkpoint to fall back to
+    (copy / "checkpoint.prev.pt").unlink(missing_ok=True)  # no earlier checkpoint to fall back to
     before = _snapshot(copy)
     code, output = run("train", "--data", phantoms_2d, "--labeled", 2, "--seed", 1, "--out", copy, "--resume",
                        "--quiet", *TRAINED_SETS)

@@ -60,6 +60,10 @@ def test_export_refuses_bad_input_in_one_line(run_3d, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "output must end in .onnx" in bad.output
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "x.nii.gz")
     res = CliRunner().invoke(app, ["predict", str(junk), str(tmp_path / "x.nii.gz"), str(tmp_path / "y.nii.gz")])
     assert res.exit_code == 2 and "junk.onnx" in res.output
     import builtins

@@ -21,7 +21,7 @@ SETS = ["data.spatial_dims=2", "data.patch_size=[32,32]", "data.batch_size=4", "
 
 def _args(data: Path, method: str, out: Path) -> list[str]:
     args = [sys.executable, "-m", "frugalseg", "train", "--data", str(data), "--method", method, "--labelled", "2",
-            "--out", str(out), "--quiet"]
+            "--out", str(out), "--quiet", "--keep-checkpoint"]
     for s in SETS:
         args += ["--set", s]
     return args

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -80,14 +81,15 @@ def parse_list(text: str, option: str, cast=str) -> list:
 
 def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: list[int], out: Path,
                   split: str = "val", eval_data: Path | None = None, sets: list[str] | None = None,
-                  show_progress: bool = True, report=print) -> list[dict[str, Any]]:
+                  show_progress: bool = True, report=print, unlabelled: Path | None = None,
+                  device: str = "auto") -> list[dict[str, Any]]:
     from frugalseg.assemble import assemble, declared
     from frugalseg.config import build_config
     from frugalseg.data.readers import open_source
     from frugalseg.engine import distributed as dist
     from frugalseg.methods.base import TRAIN
 
-    dist.setup()  # under torchrun every rank trains each stage; rank 0 alone evaluates and writes
+    dist.setup(device)  # under torchrun every rank trains each stage; rank 0 alone evaluates and writes
     main = dist.is_main()
     sets = list(sets or [])
     # check everything before writing anything
@@ -98,7 +100,7 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
         raise UserError("--labelled/--seeds: a value is listed twice")
     for s in seeds:
         check_seed(s, "--seeds")
-    source = open_source(data)
+    source = open_source(data, unlabelled)
     eval_source = open_source(eval_data) if eval_data is not None else source
     if not eval_source.cases(split):
         raise UserError(f"--split {split}: no labelled case in {eval_source.root}")
@@ -124,12 +126,14 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
         raise UserError(f"--out {out}: exists and is not a benchmark folder")
     # folders compared as the places they are, however they were named (relative paths, links)
     manifest = {"data": str(source.root.resolve()), "eval_data": str(eval_source.root.resolve()), "split": split,
-                "set": sets}
+                "set": sets, "unlabelled": str(Path(unlabelled).resolve()) if unlabelled is not None else None}
     if (out / MANIFEST).is_file():  # continuing (or extending) a benchmark: the fixed settings must agree
         before = json.loads((out / MANIFEST).read_text())
-        for key, option in (("data", "--data"), ("eval_data", "--eval-data"), ("split", "--split"), ("set", "--set")):
+        for key, option in (("data", "--data"), ("eval_data", "--eval-data"), ("split", "--split"), ("set", "--set"),
+                            ("unlabelled", "--unlabelled")):
             was, now = before.get(key), manifest[key]
-            same = (Path(str(was)).resolve() == Path(now).resolve()) if key in ("data", "eval_data") else was == now
+            paths = key in ("data", "eval_data", "unlabelled") and was is not None and now is not None
+            same = (Path(str(was)).resolve() == Path(now).resolve()) if paths else was == now
             if not same:
                 raise UserError(f"--out {out}: this benchmark was started with {option} {was!r}, not {now!r} "
                                 "(use another --out)")
@@ -157,15 +161,16 @@ def run_benchmark(data: Path, recipes: list[str], labelled: list[int], seeds: li
             write_text_atomic(out / MANIFEST, json.dumps({**manifest, "recipes": recipes, "labelled": labelled,
                                                           "seeds": seeds}, indent=1))
         dist.barrier()
+        common = {"unlabelled": unlabelled, "device": device}  # what every stage's run takes besides its own
         return _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_source, keys, where,
-                          reads_labels, show_progress, report)
+                          reads_labels, show_progress, report, common)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_source, keys, where, reads_labels,
-               show_progress, report) -> list[dict[str, Any]]:
+               show_progress, report, common) -> list[dict[str, Any]]:
     from frugalseg.engine import distributed as dist
     from frugalseg.eval.evaluate import evaluate_model
     from frugalseg.eval.inference import load_model
@@ -187,7 +192,7 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
                 bar.set_postfix(job=f"{st.method} seed={s}" + (f" N={n}" if reads_labels[recipe.name][i] else ""))
                 _run_stage(run_dir, RunRequest(source.root, st.method, s, run_dir,
                                                n if reads_labels[recipe.name][i] else None, init, None, sets,
-                                               [st.overrides] if st.overrides else []), report)
+                                               [st.overrides] if st.overrides else [], **common), report)
             if run_dir not in visited:
                 visited.add(run_dir)
                 bar.update(1)
@@ -201,7 +206,7 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
         t0 = time.perf_counter()
         final = recipe.final
         _run_stage(cell_dir, RunRequest(source.root, final.method, s, cell_dir, n, init, None, sets,
-                                        [final.overrides] if final.overrides else []), report)
+                                        [final.overrides] if final.overrides else [], **common), report)
         if not main:  # evaluation is rank 0's; the others wait for its result (no collective: no time limit)
             while not done.is_file():
                 time.sleep(1.0)
@@ -218,6 +223,9 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
         write_json_atomic({**row, "recipe_key": keys[recipe.name]}, done)
         rows.append(row)
         bar.update(1)
+        if show_progress and not sys.stderr.isatty():  # a log file: one line per cell
+            report(f"benchmark: {recipe.name} N={n} seed={s}: mean Dice {row['mean_dice']:.4f} "
+                   f"({row['train_seconds']:.0f} s training; {bar.n}/{bar.total} jobs)")
     bar.close()
     if not main:
         return rows

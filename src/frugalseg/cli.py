@@ -18,6 +18,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Label-efficient medical image segmentation.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from frugalseg import __version__
+
+        typer.echo(f"frugalseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit.", metavar="",
+                                       callback=_version, is_eager=True)) -> None:
+    """Label-efficient medical image segmentation."""
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -44,11 +58,11 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except Terminated:
             _fail(_ranked("stopped by SIGTERM (under torchrun: another process of the job failed); "
-                          "a training run continues with --resume"), 143)
+                          f"{_how_to_continue(fn.__name__)}"), 143)
         except UserError as exc:
             _fail(_ranked(str(exc)))
         except KeyboardInterrupt:
-            _fail("interrupted (a training run continues with --resume)", 130)
+            _fail(f"interrupted; {_how_to_continue(fn.__name__)}", 130)
         except OSError as exc:
             where = exc.filename or "output"
             _fail(_ranked(f"{where}: {exc.strerror or exc}"))
@@ -63,6 +77,16 @@ def _guard(fn):
             teardown()
 
     return wrapper
+
+
+def _how_to_continue(command: str) -> str:
+    if command == "benchmark":
+        return "the same benchmark command continues it (finished cells are kept, a cell resumes from its checkpoint)"
+    if command in ("train", "pretrain"):
+        return "the same command with --resume continues it"
+    if command == "predict":
+        return "the files written so far are complete; the same command continues with the others"
+    return "no file was left half-written"
 
 
 def _ranked(message: str) -> str:
@@ -91,7 +115,7 @@ def _main_rank() -> bool:
 
 def _say(message: str) -> None:
     if _main_rank():  # under torchrun, rank 0 speaks for the job
-        typer.echo(message, err=True)
+        print(message, file=sys.stderr, flush=True)  # flushed: a log file off a terminal follows the run
 
 
 def _out(message: str) -> None:
@@ -123,8 +147,17 @@ def _table(results: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-DataOpt = typer.Option(..., "--data", help="Dataset folder (Decathlon/nnU-Net raw or SSL4MIS HDF5).")
+def _flag(name: str, help: str):
+    """A boolean switch, shown in --help as a flag (no value)."""
+    return typer.Option(False, name, help=help, metavar="")
+
+
+DataOpt = typer.Option(..., "--data", help="Dataset folder: imagesTr/ (+ labelsTr/ for the labelled images), a "
+                                          "Decathlon/nnU-Net dataset.json, or SSL4MIS HDF5.")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=500 (repeatable).")
+UnlabelledOpt = typer.Option(None, "--unlabelled", help="A folder of extra unlabelled scans (NIfTI) to train on.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:<i>.")
+KeepOpt = _flag("--keep-checkpoint", "Keep checkpoint.pt (the full training state) after the run finishes.")
 
 
 @app.command()
@@ -138,15 +171,19 @@ def train(
     init: Path | None = typer.Option(None, "--init", help="Pre-trained weights to start from."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of config overrides."),
     set_: list[str] | None = SetOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing run directory."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    unlabelled: Path | None = UnlabelledOpt,
+    resume: bool = _flag("--resume", "Continue the run in --out from its last checkpoint (same command)."),
+    force: bool = _flag("--force", "Replace an existing run folder (only one frugalseg made)."),
+    device: str = DeviceOpt,
+    keep_checkpoint: bool = KeepOpt,
+    quiet: bool = _flag("--quiet", "No progress output."),
 ) -> None:
-    """Train a network with N labelled volumes."""
-    from frugalseg.run import train as run_train
+    """Train a network with N labelled volumes (and the unlabelled ones, for a semi-supervised method)."""
+    from frugalseg.run import RunRequest, run_stage
 
-    summary = run_train(data, method, labelled, seed, out, init, config, set_ or [], resume, force,
-                        show_progress=not quiet, report=_say)
+    req = RunRequest(data, method, seed, out, labelled, init, config, set_ or [], [], resume, force, unlabelled,
+                     device, keep_checkpoint)
+    summary = run_stage(req, show_progress=not quiet, report=_say)
     _out(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
                f"(labelled: {', '.join(summary['labelled_cases'])}); model in {summary['run_dir']}/model.pt")
 
@@ -161,15 +198,19 @@ def pretrain(
     init: Path | None = typer.Option(None, "--init", help="Weights to start from (e.g. an earlier stage)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of config overrides."),
     set_: list[str] | None = SetOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing run directory."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    unlabelled: Path | None = UnlabelledOpt,
+    resume: bool = _flag("--resume", "Continue the run in --out from its last checkpoint (same command)."),
+    force: bool = _flag("--force", "Replace an existing run folder (only one frugalseg made)."),
+    device: str = DeviceOpt,
+    keep_checkpoint: bool = KeepOpt,
+    quiet: bool = _flag("--quiet", "No progress output."),
 ) -> None:
     """Pre-train on every training image of --data (labels are never read); then `train --init OUT/model.pt`."""
-    from frugalseg.run import pretrain as run_pretrain
+    from frugalseg.run import RunRequest, run_stage
 
-    summary = run_pretrain(data, method, seed, out, init=init, config_file=config, sets=set_ or [], resume=resume,
-                           force=force, show_progress=not quiet, report=_say)
+    req = RunRequest(data, method, seed, out, None, init, config, set_ or [], [], resume, force, unlabelled,
+                     device, keep_checkpoint)
+    summary = run_stage(req, show_progress=not quiet, report=_say)
     _out(f"pre-trained {summary['steps']} steps in {summary['seconds']:.0f} s; "
                f"weights in {summary['run_dir']}/model.pt")
 
@@ -180,12 +221,13 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     data: Path = DataOpt,
     split: str = typer.Option("val", "--split", help="val | test | all (| train)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    device: str = DeviceOpt,
+    quiet: bool = _flag("--quiet", "No progress output."),
 ) -> None:
     """Dice and HD95 per case and class; writes RUN_DIR/eval_<split>.json."""
     from frugalseg.eval.evaluate import evaluate_run
 
-    results = evaluate_run(run_dir, data, split, show_progress=not quiet)
+    results = evaluate_run(run_dir, data, split, show_progress=not quiet, report=_say, device=device)
     typer.echo(_table(results, f"{run_dir} on {split}:"))
     typer.echo(f"written {Path(run_dir) / f'eval_{split}.json'}")
 
@@ -194,15 +236,31 @@ def evaluate(
 @_guard
 def predict(
     run_dir: Path = typer.Argument(..., help="A finished run directory, or a model exported with `export`."),
-    input: Path = typer.Argument(..., help="Input image (NIfTI)."),
-    output: Path = typer.Argument(..., help="Output label map (NIfTI); same shape and affine as the input."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    input: Path = typer.Argument(..., help="A scan (NIfTI) or a folder of scans (nnU-Net's case_0000.nii.gz... "
+                                           "channel files are one case)."),
+    output: Path = typer.Argument(..., help="The label map (NIfTI), or a folder for a folder of scans; each keeps "
+                                            "its input's grid, affine and orientation."),
+    tta: str | None = typer.Option(None, "--tta", help="flip: average the probabilities over the mirrorings of "
+                                                       "every spatial axis the network sees."),
+    save_probabilities: bool = _flag("--probabilities", "Also write <case>_probabilities.nii.gz (4-D float, "
+                                                        "classes along the last axis)."),
+    force: bool = _flag("--force", "Redo scans whose output exists (an input is never overwritten)."),
+    device: str = DeviceOpt,
+    quiet: bool = _flag("--quiet", "No progress output."),
 ) -> None:
-    """Segment one image."""
-    from frugalseg.eval.predict import predict_file
+    """Segment a scan or a folder of scans; the model is loaded once, finished scans are skipped."""
+    from frugalseg.eval.predict import predict as run_predict
 
-    predict_file(run_dir, input, output, force, report=_say)
-    typer.echo(f"written {output}")
+    if tta not in (None, "flip"):
+        raise UserError(f"--tta {tta!r}: the one test-time augmentation is 'flip'")
+    summary = run_predict(run_dir, input, output, force, tta == "flip", save_probabilities, report=_say,
+                          show_progress=not quiet, device=device)
+    if len(summary.written) == 1 and not summary.skipped and not summary.failed and not Path(input).is_dir():
+        typer.echo(f"written {summary.written[0]}")
+    else:
+        typer.echo(summary.line())
+    if summary.failed:
+        _fail(f"{len(summary.failed)} of {len(summary.failed) + len(summary.written)} scans failed (named above)")
 
 
 @app.command()
@@ -210,13 +268,33 @@ def predict(
 def export(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     output: Path = typer.Argument(..., help="The ONNX file to write (needs the onnx extra)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    force: bool = _flag("--force", "Overwrite OUTPUT if it exists."),
 ) -> None:
     """Export the trained network as ONNX; `predict` accepts the file in place of the run directory."""
     from frugalseg.eval.export import export_onnx
 
     diff = export_onnx(run_dir, output, force)
     typer.echo(f"written {output} (ONNX Runtime matches PyTorch within {diff:.1e} on a test input)")
+
+
+@app.command("init-dataset")
+@_guard
+def init_dataset(
+    images: Path = typer.Argument(..., help="Folder of scans (NIfTI), inside --out (e.g. OUT/imagesTr)."),
+    labels: Path | None = typer.Argument(None, help="Folder of label maps for some of the scans, named like them."),
+    out: Path = typer.Option(..., "--out", help="The dataset folder that receives dataset.json."),
+    class_labels: str | None = typer.Option(None, "--labels", help='Class names, e.g. "1=LV,2=RV" (default: read '
+                                                                   "off the label maps)."),
+    modality: str = typer.Option("MRI", "--modality", help="The scans' modality (MRI, CT...)."),
+    force: bool = _flag("--force", "Overwrite an existing dataset.json."),
+) -> None:
+    """Write OUT/dataset.json for a folder of scans of which some are labelled (the others train unlabelled)."""
+    from frugalseg.data.layout import init_dataset as write
+
+    meta = write(images, labels, out, class_labels, modality, force)
+    n_labelled = sum("label" in e for e in meta["training"])
+    typer.echo(f"written {out / 'dataset.json'}: {len(meta['training'])} scans, {n_labelled} labelled, classes "
+               + ", ".join(f"{k}={v}" for k, v in meta["labels"].items() if k != "0"))
 
 
 @app.command("import-weights")
@@ -227,7 +305,7 @@ def import_weights(
     format_: str = typer.Option(..., "--format", help="voco | monai-ssl | pcrlv2"),
     in_channels: int | None = typer.Option(None, "--in-channels",
                                               help="Adapt the input convolution(s) to this many image channels."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT."),
+    force: bool = _flag("--force", "Overwrite OUTPUT."),
 ) -> None:
     """Convert released weights (VoCo, MONAI SwinUNETR SSL, PCRLv2) strictly, with a report; then `train --init`."""
     from frugalseg.nn.importers import write_imported
@@ -254,8 +332,8 @@ def methods() -> None:
 @_guard
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the demo's data, run and figures."),
-    force: bool = typer.Option(False, "--force", help="Overwrite a previous demo folder."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    force: bool = _flag("--force", "Overwrite a previous demo folder."),
+    quiet: bool = _flag("--quiet", "No progress bar."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Training steps (default: configs/demo.yaml)."),
 ) -> None:
     """The main job on synthetic phantoms: train with 2 labelled volumes, evaluate on unseen phantoms."""
@@ -280,14 +358,18 @@ def benchmark(
     split: str = typer.Option("val", "--split", help="Evaluation split: val | test | all."),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Evaluate on this dataset (default: --data)."),
     set_: list[str] | None = SetOpt,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    unlabelled: Path | None = UnlabelledOpt,
+    device: str = DeviceOpt,
+    quiet: bool = _flag("--quiet", "No progress output."),
 ) -> None:
-    """Run the few-label protocol: every recipe x N x seed, evaluated; writes csv, report and plots."""
+    """Run the few-label protocol: every recipe x N x seed, evaluated; writes csv, report and plots.
+
+    Re-run the same command to continue an interrupted benchmark or to extend it with recipes, N or seeds."""
     from frugalseg.benchmark import parse_list, run_benchmark
 
     rows = run_benchmark(data, parse_list(recipes, "--recipes"), parse_list(labelled, "--labelled", int),
                          parse_list(seeds, "--seeds", int), out, split, eval_data, set_ or [],
-                         show_progress=not quiet, report=_say)
+                         show_progress=not quiet, report=_say, unlabelled=unlabelled, device=device)
     _out((out / "report.md").read_text())
     _out(f"{len(rows)} cells; written {out / 'results.csv'}, {out / 'report.md'} and plots")
 
@@ -309,7 +391,7 @@ def profile(
     out: Path | None = typer.Option(None, "--out", help="Also write the figures as JSON here."),
     steps: int = typer.Option(8, "--steps", help="Timed steps per config (after 2 warm-up steps)."),
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    force: bool = _flag("--force", "Overwrite --out."),
     dims: str = typer.Option("2,3", "--dims", help="Which default configs: 2, 3 or 2,3."),
     set_: list[str] | None = SetOpt,
 ) -> None:

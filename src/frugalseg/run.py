@@ -116,6 +116,9 @@ class RunRequest:
     extra_config: list[dict[str, Any]] = field(default_factory=list)
     resume: bool = False
     force: bool = False
+    unlabelled: Path | str | None = None  # a folder of extra unlabelled scans
+    device: str = "auto"  # --device: auto (a CUDA GPU if there is one), cpu, cuda, cuda:i
+    keep_checkpoint: bool = False  # keep checkpoint.pt (the full training state) once the run has finished
 
 
 MAX_SEED = 2**32 - 1
@@ -144,13 +147,13 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
 
     out, method, seed, labelled = Path(req.out), req.method, req.seed, req.labelled
     check_seed(seed)
-    device = dist.setup()  # joins the job when launched by torchrun; rank 0 alone writes files and reports
+    device = dist.setup(req.device)  # joins the job when launched by torchrun; rank 0 alone writes and reports
     main = dist.is_main()
     if not main:
         def report(message: str) -> None:
             return None
     method_class(method)  # an unknown name is refused before the data is opened
-    source = open_source(req.data)
+    source = open_source(req.data, req.unlabelled)
     cfg = build_config(source.default_spatial_dims, req.config_file, req.sets, req.extra_config, source.format,
                        method)
     kind = declared(method, cfg)[2].kind
@@ -198,6 +201,10 @@ def _resumable(out: Path, req: RunRequest, requested, source):
         raise UserError(f"--resume {out}: this run already finished")
     if Path(meta.get("data", "")).resolve() != source.root.resolve():
         raise UserError(f"--resume {out}: the run was started on --data {meta.get('data')}, not {source.root}")
+    recorded = meta.get("unlabelled")
+    if (recorded is None) != (req.unlabelled is None) or (
+            recorded is not None and Path(recorded).resolve() != Path(req.unlabelled).resolve()):
+        raise UserError(f"--resume {out}: the run was started with --unlabelled {recorded}, not {req.unlabelled}")
     cfg = config_from_dict(read_yaml(out / "config.yaml"), str(out / "config.yaml"))
     if cfg != requested:
         key, was, now = _first_difference(cfg.to_dict(), requested.to_dict())
@@ -232,12 +239,14 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     from frugalseg.engine.optim import build_optimizer, build_scheduler
     from frugalseg.engine.repro import seed_everything, set_threads
     from frugalseg.engine.tracking import read_log
-    from frugalseg.engine.trainer import BEST, fit
+    from frugalseg.engine.trainer import BEST, CHECKPOINT, PREVIOUS, fit
     from frugalseg.eval.inference import MODEL_FILE
     from frugalseg.files import load_checkpoint, save_atomic, write_json_atomic
 
     out, method, seed, labelled = Path(req.out), req.method, req.seed, req.labelled
     main = dist.is_main()
+    for note in source.notes:
+        report(note)
     threads = set_threads(cfg.train.num_threads)
     seed_everything(seed, cfg.train.deterministic)
     stage = assemble(method, cfg, source, split, seed, init)  # after --init: EMA targets start from the weights
@@ -251,6 +260,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
         if main:
             prepare_dir(out, resume=False, force=req.force)
         meta = {"method": method, "labelled": labelled, "seed": seed, "data": str(source.root),
+                "unlabelled": str(req.unlabelled) if req.unlabelled is not None else None,
                 "format": source.format, "class_names": source.class_names, "in_channels": source.in_channels,
                 "init": str(init) if init else None, "status": "running", **_versions()}
         if main:
@@ -289,7 +299,11 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     meta["status"] = "finished"
     meta["train_seconds"] = result.seconds  # across resumes (each invocation up to its last checkpoint)
     meta["threads"] = threads
+    meta["device"] = str(device)
     write_json_atomic(meta, out / RUN_MARKER)
+    if not req.keep_checkpoint:  # the full training state is no longer needed once model.pt is written
+        for name in (CHECKPOINT, PREVIOUS):
+            (out / name).unlink(missing_ok=True)
     log = read_log(out)
     if log:
         from frugalseg.eval.plots import learning_curve
@@ -311,20 +325,20 @@ def _recorded(meta: dict[str, Any], key: str) -> Any:
 def train(data: Path | str, method: str, labelled: int, seed: int, out: Path | str, init: Path | str | None = None,
           config_file: Path | None = None, sets: list[str] | None = None, resume: bool = False, force: bool = False,
           show_progress: bool = True, extra_config: list[dict[str, Any]] | None = None,
-          report=print) -> dict[str, Any]:
+          report=print, unlabelled: Path | str | None = None, keep_checkpoint: bool = False) -> dict[str, Any]:
     """Train ``method`` with ``labelled`` volumes picked by ``seed``; see :func:`run_stage`."""
     req = RunRequest(data, method, seed, out, labelled, init, config_file, list(sets or []),
-                     list(extra_config or []), resume, force)
+                     list(extra_config or []), resume, force, unlabelled, keep_checkpoint=keep_checkpoint)
     return run_stage(req, show_progress, report)
 
 
 def pretrain(data: Path | str, method: str, seed: int, out: Path | str, init: Path | str | None = None,
              config_file: Path | None = None, sets: list[str] | None = None, resume: bool = False,
              force: bool = False, show_progress: bool = True, extra_config: list[dict[str, Any]] | None = None,
-             report=print) -> dict[str, Any]:
+             report=print, unlabelled: Path | str | None = None) -> dict[str, Any]:
     """Pre-train ``method`` on every training image of ``data`` (labels are never read); see :func:`run_stage`."""
     req = RunRequest(data, method, seed, out, None, init, config_file, list(sets or []), list(extra_config or []),
-                     resume, force)
+                     resume, force, unlabelled)
     return run_stage(req, show_progress, report)
 
 

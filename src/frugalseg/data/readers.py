@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from frugalseg.errors import UserError
 SPLITS = ("train", "val", "test", "all")
 VALIDATION_FRACTION = 0.2
 VALIDATION_SEED = 20201207  # fixed, independent of any run's seed
+MIN_LABELLED_FOR_VALIDATION = 5  # fewer labelled cases: no automatic validation split (it would take a training case)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class DataSource:
     splits: dict[str, list[str]]
     labelled_pool: list[str]
     default_spatial_dims: int = 3
+    notes: list[str] = field(default_factory=list)  # what the reader decided that the user should hear of
 
     @property
     def num_classes(self) -> int:
@@ -62,69 +64,139 @@ class DataSource:
 
 
 class DecathlonSource(DataSource):
-    """Decathlon (``labels`` index->name) or nnU-Net v2 raw (``labels`` name->index, ``_0000`` channels)."""
+    """Decathlon (``labels`` index->name), nnU-Net v2 raw (``labels`` name->index, ``_0000`` channels), or a plain
+    folder: ``imagesTr/`` with ``labelsTr/`` labels for some of the images (the classes are read off the labels).
+
+    Images without a label (``training`` entries without one, unlabelled ``test`` scans, images with no file in
+    ``labelsTr/``, or the files of an ``unlabelled`` folder) are unlabelled training images: pre-training and
+    semi-supervised methods read them, the labelled pool and the evaluation never do.
+    """
 
     @staticmethod
     def matches(names: set[str]) -> bool:
-        return "dataset.json" in names
+        return "dataset.json" in names or "imagesTr" in names
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, unlabelled: Path | None = None) -> None:
         meta_path = root / "dataset.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-        except OSError as exc:
-            raise UserError(f"{meta_path}: cannot read ({exc.strerror or exc})") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{meta_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        if not isinstance(meta, dict):
-            raise UserError(f"{meta_path}: expected a JSON object")
-        class_names = _class_names(meta.get("labels"), meta_path)
-        channels = meta.get("modality") or meta.get("channel_names") or {"0": "image"}
+        notes: list[str] = []
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except OSError as exc:
+                raise UserError(f"{meta_path}: cannot read ({exc.strerror or exc})") from None
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{meta_path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+            if not isinstance(meta, dict):
+                raise UserError(f"{meta_path}: expected a JSON object")
+        else:
+            meta = {}  # a plain folder: imagesTr/ (+ labelsTr/)
         self._images: dict[str, list[Path]] = {}
         self._labels: dict[str, Path | None] = {}
         self.file_ending = meta.get("file_ending", ".nii.gz")
-        train = self._entries(meta.get("training"), root, meta_path, "training", len(channels))
-        if not train:
-            raise UserError(f"{meta_path}: no labelled training case listed and none found in labelsTr/")
+        channels = meta.get("modality") or meta.get("channel_names") or {"0": "image"}
+        if "training" in meta:
+            train = self._entries(meta.get("training"), root, meta_path, "training", len(channels))
+        else:  # nnU-Net raw or a plain folder: the images found in imagesTr/, with a label where there is one
+            train, n_channels = self._scan(root)
+            if not meta:
+                channels = {str(i): f"channel {i}" for i in range(n_channels)}
+        if meta.get("labels") is None and not meta_path.is_file():
+            class_names = self._classes_from_labels(root, [c for c in train if self._labels.get(c)])
+        else:
+            class_names = _class_names(meta.get("labels"), meta_path)
+        labelled = [c for c in train if self._labels.get(c) is not None]
+        if not labelled:
+            raise UserError(f"{meta_path if meta_path.is_file() else root / 'labelsTr'}: no labelled training case "
+                            "(a label file for at least one training image)")
         val_entry = meta.get("validation")
-        if val_entry:
-            val = self._entries(val_entry, root, meta_path, "validation", len(channels))
+        if val_entry is not None:  # an explicit list, even an empty one, is the user's choice
+            val = self._entries(val_entry, root, meta_path, "validation", len(channels)) if val_entry else []
             unknown = [c for c in val if c not in self._images]
             if unknown:
                 raise UserError(f"{meta_path}: validation case {unknown[0]!r} is not a listed case")
-            train = [c for c in train if c not in set(val)]
-        else:
-            ordered = sorted(train)
+            unlabelled_val = [c for c in val if self._labels.get(c) is None]
+            if unlabelled_val:
+                raise UserError(f"{meta_path}: validation case {unlabelled_val[0]!r} has no label")
+        elif len(labelled) >= MIN_LABELLED_FOR_VALIDATION:
+            ordered = sorted(labelled)  # a fixed 20 % of the labelled training cases
             rng = np.random.default_rng(VALIDATION_SEED)
-            n_val = max(1, round(VALIDATION_FRACTION * len(ordered))) if len(ordered) > 1 else 0
+            n_val = max(1, round(VALIDATION_FRACTION * len(ordered)))
             picked = set(rng.permutation(len(ordered))[:n_val].tolist())
             val = [c for i, c in enumerate(ordered) if i in picked]
-            train = [c for i, c in enumerate(ordered) if i not in picked]
-        test = [c for c in self._entries(meta.get("test"), root, meta_path, "test", len(channels), False)
-                if self._labels.get(c) is not None]
+        else:
+            val = []
+            notes.append(f"{root}: only {len(labelled)} labelled case(s): no validation split is set aside "
+                              f"automatically below {MIN_LABELLED_FOR_VALIDATION} (list some under 'validation' in "
+                              "dataset.json to evaluate on them)")
+        train = [c for c in train if c not in set(val)]
+        tested = self._entries(meta.get("test"), root, meta_path, "test", len(channels), False)
+        test = [c for c in tested if self._labels.get(c) is not None]
+        extra = [c for c in tested if self._labels.get(c) is None]  # unlabelled test scans: unlabelled images
+        if unlabelled is not None:
+            extra += self._folder(Path(unlabelled), len(channels))
         super().__init__(
             root=root,
             format="decathlon",
             class_names=class_names,
             in_channels=len(channels),
-            splits={"train": sorted(train), "val": sorted(val), "test": sorted(test)},
-            labelled_pool=sorted(train),
+            splits={"train": sorted(set(train) | set(extra)), "val": sorted(val), "test": sorted(test)},
+            labelled_pool=sorted(c for c in train if self._labels.get(c) is not None),
             default_spatial_dims=2 if str(meta.get("tensorImageSize", "3D")).upper() == "2D" else 3,
+            notes=notes,
         )
 
+    def _scan(self, root: Path) -> tuple[list[str], int]:
+        """Cases of ``imagesTr/`` (``case.nii.gz``, or nnU-Net's ``case_0000.nii.gz``... one file per channel), with
+        ``labelsTr/case.nii.gz`` where it exists. Returns the cases and the number of channels."""
+        folder = root / "imagesTr"
+        if not folder.is_dir():
+            raise UserError(f"{root}: no imagesTr/ folder (and no dataset.json listing the images)")
+        files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        if not files:
+            raise UserError(f"{folder}: no NIfTI image (.nii or .nii.gz)")
+        groups = group_channels(files)
+        counts = {len(paths) for paths in groups.values()}
+        if len(counts) != 1:
+            raise UserError(f"{folder}: cases have different numbers of channel files ({sorted(counts)})")
+        for case, paths in groups.items():
+            self._images[case] = paths
+            label = next((root / "labelsTr" / f"{case}{ext}" for ext in (".nii.gz", ".nii")
+                          if (root / "labelsTr" / f"{case}{ext}").is_file()), None)
+            self._labels[case] = label
+        return sorted(groups), counts.pop()
+
+    def _folder(self, folder: Path, n_channels: int) -> list[str]:
+        """The images of an extra folder of unlabelled scans (``--unlabelled``)."""
+        if not folder.is_dir():
+            raise UserError(f"--unlabelled {folder}: folder not found")
+        files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        if not files:
+            raise UserError(f"--unlabelled {folder}: no NIfTI image (.nii or .nii.gz)")
+        cases = []
+        for case, paths in group_channels(files).items():
+            if case in self._images:
+                raise UserError(f"--unlabelled {folder}: case id {case!r} is also a case of --data (case ids come "
+                                "from file names and must be unique)")
+            if len(paths) not in (1, n_channels):
+                raise UserError(f"--unlabelled {paths[0]}: {len(paths)} channel file(s), the dataset has "
+                                f"{n_channels}")
+            self._images[case], self._labels[case] = paths, None
+            cases.append(case)
+        return cases
+
+    def _classes_from_labels(self, root: Path, cases: list[str]) -> list[str]:
+        """Class names of a plain folder: 0 = background and one class per value found in the label files."""
+        values: set[int] = set()
+        for case in cases:
+            data, _, _ = read_nifti(self._labels[case])
+            values |= {int(v) for v in np.unique(check_label(data, self._labels[case], 2**31))}
+        top = max(values | {1})
+        return ["background", *(f"class {k}" for k in range(1, top + 1))]
+
     def _entries(self, entries, root: Path, meta_path: Path, key: str, n_channels: int,
-                 need_label: bool = True) -> list[str]:
+                 need_label: bool = False) -> list[str]:
         cases: list[str] = []
         if entries is None:
-            if key != "training":
-                return cases
-            # nnU-Net v2 raw: derive cases from labelsTr
-            for lab in sorted((root / "labelsTr").glob(f"*{self.file_ending}")):
-                case = lab.name[: -len(self.file_ending)]
-                imgs = [root / "imagesTr" / f"{case}_{i:04d}{self.file_ending}" for i in range(n_channels)]
-                self._images[case] = imgs
-                self._labels[case] = lab
-                cases.append(case)
             return cases
         if not isinstance(entries, list):
             raise UserError(f"{meta_path}: '{key}' must be a list")
@@ -153,7 +225,8 @@ class DecathlonSource(DataSource):
                 raise UserError(f"{meta_path}: case {case!r} is listed twice under '{key}'")
             listed.add(case)
             self._images[case] = [image]
-            self._labels[case] = label
+            if case not in self._labels or label is not None:
+                self._labels[case] = label
             cases.append(case)
         return cases
 
@@ -221,6 +294,29 @@ class DecathlonSource(DataSource):
                 (image_shape, image_affine), (label_shape, label_affine) = shapes[0], shapes[-1]
                 check_pair(image_shape[:3], label_shape[:3], self._labels[case])
                 check_affines(image_affine, label_affine, self._labels[case])
+
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def group_channels(files: list[Path]) -> dict[str, list[Path]]:
+    """Case id -> its image files: nnU-Net's ``case_0000.nii.gz``, ``case_0001.nii.gz``... are one case's channels
+    (in channel order), any other name is a one-channel case."""
+    groups: dict[str, dict[int, Path]] = {}
+    for path in files:
+        name = _case_id(path)
+        m = _CHANNEL.match(name)
+        case, channel = (m["case"], int(m["channel"])) if m else (name, 0)
+        if channel in groups.setdefault(case, {}):
+            raise UserError(f"{path}: a second file for case {case!r}, channel {channel}")
+        groups[case][channel] = path
+    out = {}
+    for case, chans in groups.items():
+        if sorted(chans) != list(range(len(chans))):
+            raise UserError(f"{chans[min(chans)].parent}: case {case!r} has channel files {sorted(chans)}, not "
+                            f"0..{len(chans) - 1}")
+        out[case] = [chans[i] for i in range(len(chans))]
+    return out
 
 
 def _case_id(path: Path) -> str:
@@ -377,8 +473,8 @@ class SSL4MISSource(DataSource):
                     raise UserError(f"{path}: cannot read HDF5 ({reason})") from None
 
 
-def open_source(path: Path | str) -> DataSource:
-    """Detect the layout of ``path`` and open it."""
+def open_source(path: Path | str, unlabelled: Path | str | None = None) -> DataSource:
+    """Detect the layout of ``path`` and open it; ``unlabelled`` is a folder of extra unlabelled scans (NIfTI)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"--data {root}: folder not found")
@@ -393,8 +489,13 @@ def open_source(path: Path | str) -> DataSource:
     for name in DATASETS:
         reader = resolve(DATASETS, name, "--data")
         if reader.matches(names):
-            return reader(root)
+            if unlabelled is None:
+                return reader(root)
+            if name != "decathlon":
+                raise UserError(f"--unlabelled {unlabelled}: extra scans go with a NIfTI dataset (dataset.json or "
+                                f"imagesTr/), not the {name} layout of {root}")
+            return reader(root, unlabelled=Path(unlabelled).expanduser())
     raise UserError(
-        f"--data {root}: unrecognised layout (expected dataset.json + imagesTr/labelsTr, "
+        f"--data {root}: unrecognised layout (expected imagesTr/ with labelsTr/, or dataset.json, "
         "or SSL4MIS train.list/val.list + data/*.h5)"
     )

@@ -55,12 +55,21 @@ def context() -> Context:
                         "launch with `torchrun`") from None
 
 
-def setup() -> torch.device:
-    """Join the job when launched by ``torchrun`` (gloo on CPU, nccl on GPU); return this rank's device."""
+def setup(choice: str = "auto") -> torch.device:
+    """Join the job when launched by ``torchrun`` (gloo on CPU, nccl on GPU); return this rank's device.
+
+    ``choice`` is ``--device``: ``auto`` (a CUDA GPU if there is one), ``cpu``, ``cuda`` or ``cuda:i`` (one process;
+    under ``torchrun`` each rank takes the GPU of its local rank)."""
+    from frugalseg.hardware import pick_device
+
     ctx = context()
-    cuda = torch.cuda.is_available()
+    if ctx.world <= 1:
+        return pick_device(choice)
+    cuda = torch.cuda.is_available() and choice != "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        pick_device(choice)  # the one-line refusal
     device = torch.device(f"cuda:{ctx.local_rank}" if cuda else "cpu")
-    if ctx.world <= 1 or active():
+    if active():
         return device
     if cuda:
         torch.cuda.set_device(device)

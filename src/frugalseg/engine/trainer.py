@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,6 +146,11 @@ class StepRunner:
         return StepResult(loss.item(), {k: float(v) for k, v in logs.items()}, data_time)
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _net_state(method: nn.Module) -> dict[str, torch.Tensor]:
     """The kept network's weights, on the CPU, in the default memory layout."""
     return {k: v.detach().cpu().contiguous() for k, v in method.net.state_dict().items()}
@@ -231,6 +237,7 @@ def fit(
     bar = tqdm(range(start, total), initial=start, total=total, desc=description, dynamic_ncols=True,
                disable=None if show_progress and main else True, leave=False)  # None: off when not a terminal
     method.train()
+    plain = show_progress and main and notify is not None and not sys.stderr.isatty()  # a log file, not a terminal
     try:
         for step in bar:
             result = runner(step, step / total)
@@ -249,11 +256,17 @@ def fit(
                 log.write(done, entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
                 window, n_window = {}, 0
+                if plain:
+                    per_step = elapsed / max(done - start, 1)
+                    notify(f"{description}: step {done}/{total}, loss {entry['loss']:.4f}, {per_step:.2f} s/step, "
+                           f"ETA {_clock(per_step * (total - done))}")
             if validating and (done % cfg.val_every == 0 or done == total):
                 t_val = time.perf_counter()
                 scores = validate()
                 val_time += time.perf_counter() - t_val
                 log.write(done, {**scores, "val_seconds": time.perf_counter() - t_val})
+                if plain:
+                    notify(f"{description}: step {done}/{total}, validation mean Dice {scores['val_dice']:.4f}")
                 if cfg.keep == "best" and scores["val_dice"] > best:
                     best = scores["val_dice"]
                     save_atomic({"network": _net_state(method), "step": done, "val_dice": best}, run_dir / BEST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ def summarise(cases: list[dict], class_names: list[str]) -> dict:
 
 
 def evaluate_model(model: TrainedModel, data: Path | str, split: str, show_progress: bool = True,
-                   keep_predictions: int = 0) -> tuple[dict, list]:
-    """Evaluate ``model`` on ``split`` of the dataset at ``data``. Returns (results, kept (vol, pred) pairs)."""
+                   keep_predictions: int = 0, report=None) -> tuple[dict, list]:
+    """Evaluate ``model`` on ``split`` of the dataset at ``data``. Returns (results, kept (vol, pred) pairs).
+
+    Off a terminal (a log file) ``report`` hears one line per case."""
     source = open_source(data)
     if len(source.class_names) != len(model.class_names):
         raise UserError(f"--data {source.root}: {len(source.class_names)} classes, the model was trained "
@@ -50,6 +53,10 @@ def evaluate_model(model: TrainedModel, data: Path | str, split: str, show_progr
         units.add("mm" if vol.spacing_known else "voxel")
         m = case_metrics(pred, vol.label, model.class_names, spacing)
         results.append({"case": case, **m})
+        if show_progress and report is not None and not sys.stderr.isatty():
+            fg = model.class_names[1:]
+            report(f"evaluate {split}: {len(results)}/{len(cases)} {case}: mean Dice "
+                   f"{np.mean([m['dice'][k] for k in fg]):.4f}")
         if len(kept) < keep_predictions:
             kept.append((vol, pred))
     summary = summarise(results, model.class_names)
@@ -85,11 +92,14 @@ def validator(net, cfg, source, device, split: str = "val"):
     return validate
 
 
-def evaluate_run(run_dir: Path, data: Path | str, split: str, show_progress: bool = True) -> dict:
-    model = load_model(run_dir)
+def evaluate_run(run_dir: Path, data: Path | str, split: str, show_progress: bool = True, report=None,
+                 device: str = "auto") -> dict:
+    from frugalseg.hardware import pick_device
+
+    model = load_model(run_dir, pick_device(device))
     out = Path(run_dir) / f"eval_{split}.json"
     if not os.access(run_dir, os.W_OK):
         raise UserError(f"{run_dir}: run directory is not writable")
-    results, _ = evaluate_model(model, data, split, show_progress)
+    results, _ = evaluate_model(model, data, split, show_progress, report=report)
     write_json_atomic(results, out)
     return results

@@ -75,10 +75,39 @@ def _autocast(model: TrainedModel):
     return contextlib.nullcontext()
 
 
+def flip_sets(dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the last ``dims`` axes of a ``(B, C, *spatial)`` batch: the mirrorings of test-time
+    augmentation (4 in 2-D, 8 in 3-D), the identity first."""
+    axes = list(range(2, 2 + dims))
+    return [tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(2**dims)]
+
+
+def _mirrored(net, tta: bool):
+    """``net`` itself, or (``tta``) a function giving the log of the mean softmax of ``net`` over every mirroring
+    of its input (flipped back): averaged probabilities, kept as logits so that stitching and the final softmax
+    treat them as they treat a plain prediction (one window: exactly the averaged probabilities)."""
+    if not tta:
+        return lambda t: net(t).float()
+
+    def predict(t: torch.Tensor) -> torch.Tensor:
+        total = None
+        for axes in flip_sets(t.dim() - 2):
+            x = t.flip(axes) if axes else t
+            p = torch.softmax(net(x).float(), dim=1)
+            p = p.flip(axes) if axes else p
+            total = p if total is None else total + p
+        return torch.log((total / len(flip_sets(t.dim() - 2))).clamp_min(1e-12))
+
+    return predict
+
+
 @torch.no_grad()
-def predict_probabilities(model: TrainedModel, image: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Softmax probabilities ``(K, *spatial)`` for a preprocessed ``(C, *spatial)`` image."""
-    net, dims = model.net, model.spatial_dims
+def predict_probabilities(model: TrainedModel, image: np.ndarray, spacing: tuple[float, ...],
+                          tta: bool = False) -> np.ndarray:
+    """Softmax probabilities ``(K, *spatial)`` for a preprocessed ``(C, *spatial)`` image; with ``tta`` averaged
+    over the mirrorings of the network's input axes (in-plane for a 2-D model, every axis for a 3-D one)."""
+    dims = model.spatial_dims
+    net = _mirrored(model.net, tta)
     x = torch.from_numpy(np.ascontiguousarray(image)).float()
     if dims == 2:
         if x.dim() == 3:  # a single 2-D image
@@ -92,7 +121,7 @@ def predict_probabilities(model: TrainedModel, image: np.ndarray, spacing: tuple
         for i in range(0, slices.shape[0], bs):
             chunk = slices[i: i + bs].to(model.device).contiguous(memory_format=torch.channels_last)
             with _autocast(model):
-                outs.append(torch.softmax(net(chunk).float(), dim=1).cpu())
+                outs.append(torch.softmax(net(chunk), dim=1).cpu())
         probs = torch.cat(outs).transpose(0, 1).movedim(1, axis + 1)  # (K, *spatial)
         if image.ndim == 3:
             probs = probs[:, 0]
@@ -103,19 +132,23 @@ def predict_probabilities(model: TrainedModel, image: np.ndarray, spacing: tuple
     with _autocast(model):
         logits = sliding_window_inference(
             x[None].to(model.device), roi_size=roi, sw_batch_size=model.cfg.eval.sw_batch_size,
-            predictor=lambda t: net(t).float(), overlap=model.cfg.eval.sw_overlap, mode="gaussian",
+            predictor=net, overlap=model.cfg.eval.sw_overlap, mode="gaussian",
         )
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 
 
-def segment(model: TrainedModel, vol: Volume) -> np.ndarray:
-    """Label map of ``vol`` at its native shape (preprocess, predict, resample probabilities back, argmax)."""
+def probabilities(model: TrainedModel, vol: Volume, tta: bool = False) -> np.ndarray:
+    """Class probabilities ``(K, *spatial)`` of ``vol`` at its native shape (preprocess, predict, resample back)."""
     if vol.image.shape[0] != model.in_channels:
         raise UserError(f"{vol.case_id}: image has {vol.image.shape[0]} channel(s), the model expects "
                         f"{model.in_channels}")
     if model.spatial_dims == 3 and vol.image.ndim != 4:
         raise UserError(f"{vol.case_id}: a 2-D image was given to a 3-D model")
     pre = model.preprocessor(vol)
-    probs = predict_probabilities(model, pre.image, pre.spacing)
-    probs = Preprocessor.restore_shape(probs, vol.spatial_shape)
-    return probs.argmax(0).astype(np.uint8)
+    probs = predict_probabilities(model, pre.image, pre.spacing, tta)
+    return Preprocessor.restore_shape(probs, vol.spatial_shape)
+
+
+def segment(model: TrainedModel, vol: Volume, tta: bool = False) -> np.ndarray:
+    """Label map of ``vol`` at its native shape (the argmax of :func:`probabilities`)."""
+    return probabilities(model, vol, tta).argmax(0).astype(np.uint8)
