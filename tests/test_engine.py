@@ -35,7 +35,7 @@ def _setup(steps=12, seed=0):
                  (1.5, 1.5, 6.0))
     cfg = Config()
     cfg.train.steps, cfg.train.log_every, cfg.train.checkpoint_every = steps, 2, 4
-    cfg.train.bf16 = False
+    cfg.train.precision = "fp32"
     cfg.optim.warmup_steps = 2
     sampler = PatchSampler([vol], 2, (32, 32), 4, seed=seed)
     method = Supervised(UNet(2, 1, 4, (8, 16, 32)))

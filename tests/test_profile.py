@@ -48,7 +48,7 @@ def test_profile_cli_table_and_json(tmp_path, monkeypatch):
                  "conv3d_bf16_flops": 1e11, "peak_flops": 2e11, "native_bf16": False}
 
     def fake_run(dims, method, steps, warmup, sets, threads):
-        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "bf16": False,
+        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "precision": "fp32",
                 "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0, "data_fraction": 0.05,
                 "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0}
 
@@ -73,17 +73,18 @@ def test_profile_cli_passes_set_to_every_config_and_rejects_a_bad_one(tmp_path, 
 
     def fake_run(dims, method, steps, warmup, sets, threads):
         seen.append((dims, list(sets)))
-        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "bf16": True,
+        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "precision": "bf16",
                 "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0, "data_fraction": 0.05,
                 "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0}
 
     monkeypatch.setattr(prof, "_in_fresh_process", lambda fn, *a: fake_peak if fn is prof._peak_job else fake_run(*a))
     out = tmp_path / "p.json"
-    ok = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--set", "train.bf16=true", "--out", str(out)])
+    ok = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--set", "train.precision=bf16", "--out",
+                                  str(out)])
     assert ok.exit_code == 0, ok.output
-    assert seen == [(2, ["train.bf16=true"]), (3, ["train.bf16=true"])]
-    assert json.loads(out.read_text())["set"] == ["train.bf16=true"]
-    assert "--set train.bf16=true" in ok.output
+    assert seen == [(2, ["train.precision=bf16"]), (3, ["train.precision=bf16"])]
+    assert json.loads(out.read_text())["set"] == ["train.precision=bf16"]
+    assert "--set train.precision=bf16" in ok.output
     seen.clear()
     bad = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--set", "train.nosuch=1"])
     assert bad.exit_code == 2 and "train.nosuch" in bad.output and "Traceback" not in bad.output
@@ -121,3 +122,30 @@ def test_profile_times_the_step_fit_runs_on_the_stage_a_run_assembles(monkeypatc
     assert calls == {"runner": 3, "selfreg": 0}
     prof.profile_config(2, "supervised", steps=2, warmup=1, sets=[*tiny, "selfreg.weight=0.1"])
     assert calls["runner"] == 6 and calls["selfreg"] == 4  # 3 steps + the FLOP-counting pass
+
+
+def test_precision_auto_follows_the_hardware_and_old_runs_read_as_what_they_meant(monkeypatch):
+    from frugalseg.config import config_from_dict
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f"})
+    assert hardware.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert hardware.resolve_precision("auto", cpu) == "bf16"
+    assert hardware.resolve_precision("fp32", cpu) == "fp32" and hardware.resolve_precision("bf16", cpu) == "bf16"
+    assert config_from_dict({"train": {"bf16": True}}).train.precision == "bf16"
+    assert config_from_dict({"train": {"bf16": False, "steps": 5}}).train.precision == "fp32"
+
+
+def test_a_run_records_its_precision_and_the_profile_row_its_roof(phantoms_2d, tmp_path):
+    import json
+
+    from frugalseg.run import train
+
+    train(phantoms_2d, "supervised", 1, 0, tmp_path / "r", show_progress=False,
+          sets=["train.steps=1", "data.batch_size=2", "model.channels=[4,8]", "data.spatial_dims=2",
+                "data.patch_size=[32,32]"])
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["precision"] == "fp32"
+    row = prof.profile_config(2, "supervised", steps=1, warmup=0,
+                              sets=["data.batch_size=2", "model.channels=[4,8]", "data.patch_size=[32,32]"])
+    assert row["precision"] == "fp32" and row["eval_volumes_per_second"] > 0

@@ -218,6 +218,7 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
         row = {"recipe": recipe.name, "labelled": n, "seed": s, "split": split,
                "mean_dice": results["mean_dice"], **{f"dice_{k}": v for k, v in results["per_class_dice"].items()},
                "mean_hd95": results["mean_hd95"], "hd95_unit": results["hd95_unit"],
+               "precision": json.loads((cell_dir / "run.json").read_text()).get("precision", "fp32"),
                "train_seconds": _finished(cell_dir),
                "pretrain_seconds": pre_seconds, "wall_seconds": wall}
         write_json_atomic({**row, "recipe_key": keys[recipe.name]}, done)

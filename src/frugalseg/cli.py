@@ -397,7 +397,7 @@ def profile(
 ) -> None:
     """Step time, samples/s, data wait, peak RSS and FLOP/s vs this machine's peak, per method, 2-D and 3-D.
 
-    --set applies to every profiled config, e.g. --set train.bf16=true to time bf16 autocast.
+    --set applies to every profiled config, e.g. --set train.precision=bf16 to time bf16 autocast.
     """
     import json
 

@@ -102,7 +102,9 @@ class TrainConfig:
     steps: int = 2000
     accumulate: int = 1
     grad_clip: float = 12.0
-    bf16: bool = False
+    # bf16 autocast (weights stay fp32): "auto" = where the hardware multiplies bf16 (a CUDA GPU with bf16, a CPU
+    # with AVX512-BF16 or AMX), fp32 elsewhere; the default stays fp32 until a paired Dice check on such hardware
+    precision: str = "fp32"
     channels_last: bool = True
     log_every: int = 10
     checkpoint_every: int = 250
@@ -345,7 +347,13 @@ def build_config(
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config.yaml") -> Config:
-    """Rebuild a :class:`Config` saved in a run directory."""
+    """Rebuild a :class:`Config` saved in a run directory (runs recorded ``train.bf16`` before ``train.precision``
+    replaced it: read as the precision it meant)."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if isinstance(train, dict) and "bf16" in train:
+        train = {k: v for k, v in train.items() if k != "bf16"}
+        train.setdefault("precision", "bf16" if data["train"]["bf16"] else "fp32")
+        data = {**data, "train": train}
     cfg = Config()
     _merge(cfg, data, "", source)
     return cfg
@@ -358,6 +366,7 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "poly", "constant"),
     "train.keep": ("last", "best"),
+    "train.precision": ("auto", "fp32", "bf16"),
 }
 
 
@@ -370,6 +379,7 @@ def validate(cfg: Config) -> None:
         "optim.name": cfg.optim.name,
         "optim.schedule": cfg.optim.schedule,
         "train.keep": cfg.train.keep,
+        "train.precision": cfg.train.precision,
     }
     for key, value in values.items():
         if value not in _CHOICES[key]:

@@ -39,3 +39,15 @@ def pick_device(choice: str = "auto"):
             raise UserError(f"--device {choice}: only {torch.cuda.device_count()} CUDA GPU(s) here")
         return torch.device(choice)
     raise UserError(f"--device {choice!r}: expected auto, cpu, cuda or cuda:<index>")
+
+
+def resolve_precision(choice: str, device) -> str:
+    """``train.precision`` on ``device``: ``fp32`` or ``bf16`` as asked, or for ``auto`` bf16 where it is multiplied
+    in hardware (a CUDA GPU with bf16 support, a CPU with AVX512-BF16 or AMX), fp32 elsewhere."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if native_bf16() else "fp32"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from frugalseg.hardware import native_bf16
+from frugalseg.hardware import native_bf16, resolve_precision
 
 # a convolution large enough that its arithmetic dominates overheads (what "peak" is measured on)
 PEAK_CONV_2D = {"input": (8, 128, 64, 64), "out_channels": 128}
@@ -85,17 +85,20 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     set_threads(threads)
     cfg = build_config(spatial_dims, None, sets or [], method=method)
     device = torch.device("cpu")
+    precision = resolve_precision(cfg.train.precision, device)
     with tempfile.TemporaryDirectory() as tmp:
         src = open_source(write_phantoms(Path(tmp), spatial_dims, n_train=3, n_val=0, n_test=0))
         probe = assemble(method, cfg, src)  # the record, before reading anything
-        split = pretrain_split(src) if probe.spec.kind == PRETRAIN else few_label_split(src, len(src.labelled_pool), 0)
+        pool = len(src.labelled_pool)
+        split = pretrain_split(src) if probe.spec.kind == PRETRAIN else few_label_split(src, pool, 0)
         stage = assemble(method, cfg, src, split, seed=0)
+        volumes = [src.load(case) for case in src.cases("train")]  # for the inference throughput
     module, sampler = stage.module, stage.sampler
     module.to(device)
     set_memory_format(module, cfg.train.channels_last)
     opt = build_optimizer(module.parameters(), cfg.optim)
     sched = build_scheduler(opt, warmup + steps, cfg.optim)
-    flops = step_flops(module, to_device(sampler.batch(0), device, cfg.train.channels_last), cfg.train.bf16)
+    flops = step_flops(module, to_device(sampler.batch(0), device, cfg.train.channels_last), precision == "bf16")
     runner = StepRunner(module, sampler.batch, opt, sched, cfg.train, device)
     module.train()
     step_times, data_times = [], []
@@ -108,12 +111,29 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     med = statistics.median(step_times)
     return {
         "config": f"default-{spatial_dims}d", "method": method, "patch": list(cfg.data.patch_size),
-        "batch": cfg.data.batch_size, "bf16": cfg.train.bf16, "channels_last": cfg.train.channels_last,
+        "batch": cfg.data.batch_size, "precision": precision, "channels_last": cfg.train.channels_last,
         "seconds_per_step": med, "samples_per_second": cfg.data.batch_size / med,
         "data_fraction": sum(data_times) / sum(step_times),
         "flops_per_step": flops, "achieved_flops": flops / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "eval_volumes_per_second": eval_throughput(module.net, cfg, volumes, src.class_names, device),
     }
+
+
+def eval_throughput(net: torch.nn.Module, cfg, volumes, class_names, device, repeats: int = 2) -> float:
+    """Volumes per second of whole-volume inference (``evaluate`` / ``predict``: slice-wise or sliding window)."""
+    from frugalseg.eval.inference import TrainedModel, segment
+
+    model = TrainedModel(net, cfg, list(class_names), volumes[0].image.shape[0], device)
+    was = net.training
+    net.eval()
+    segment(model, volumes[0])  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for vol in volumes:
+            segment(model, vol)
+    net.train(was)
+    return repeats * len(volumes) / (time.perf_counter() - t0)
 
 
 def _in_fresh_process(fn, *args):
@@ -133,7 +153,8 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
                 progress=None, sets: list[str] | None = None) -> dict:
     """Profile every registered method (or ``methods``) in the default 2-D and 3-D configs, plus the peak.
 
-    ``sets`` are ``--set`` overrides applied to every config (e.g. ``train.bf16=true``).
+    ``sets`` are ``--set`` overrides applied to every config (e.g. ``train.precision=bf16``). Each row's share of
+    the peak is against the peak of the precision it ran in and of its dimensionality.
     """
     from frugalseg.engine.repro import set_threads
     from frugalseg.registry import METHODS, method_spec
@@ -148,21 +169,23 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
             if progress is not None:
                 progress(f"profiling {method} {d}-D")
             row = _in_fresh_process(profile_config, d, method, steps, 2, sets, threads)
-            row["fraction_of_peak"] = row["achieved_flops"] / peak["peak_flops"]
+            roof = peak.get(f"conv{d}d_{row.get('precision', 'fp32')}_flops", peak["peak_flops"])
+            row["fraction_of_peak"] = row["achieved_flops"] / roof
             runs.append(row)
     return {"threads": threads, "torch": torch.__version__, "set": list(sets or []), "peak": peak, "runs": runs}
 
 
 def format_table(result: dict) -> str:
     """The profile as a fixed-width table (what ``frugalseg profile`` prints)."""
-    head = (f"{'method':<14} {'config':<11} {'patch':<12} {'batch':>5} {'s/step':>7} {'samples/s':>9} "
-            f"{'data %':>6} {'GFLOP/s':>8} {'% peak':>6} {'RSS MB':>7}")
+    head = (f"{'method':<14} {'config':<11} {'patch':<12} {'batch':>5} {'prec':>4} {'s/step':>7} {'samples/s':>9} "
+            f"{'data %':>6} {'GFLOP/s':>8} {'% peak':>6} {'RSS MB':>7} {'eval vol/s':>10}")
     lines = [head, "-" * len(head)]
     for r in result["runs"]:
         lines.append(
             f"{r['method']:<14} {r['config']:<11} {'x'.join(map(str, r['patch'])):<12} {r['batch']:>5} "
-            f"{r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.1f} {100 * r['data_fraction']:>6.1f} "
-            f"{r['achieved_flops'] / 1e9:>8.0f} {100 * r['fraction_of_peak']:>6.0f} {r['peak_rss_mb']:>7.0f}")
+            f"{r.get('precision', 'fp32'):>4} {r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.1f} "
+            f"{100 * r['data_fraction']:>6.1f} {r['achieved_flops'] / 1e9:>8.0f} {100 * r['fraction_of_peak']:>6.0f} "
+            f"{r['peak_rss_mb']:>7.0f} {r.get('eval_volumes_per_second', float('nan')):>10.2f}")
     p = result["peak"]
     if result.get("set"):
         lines.append("--set " + " ".join(result["set"]))

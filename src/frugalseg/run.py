@@ -242,6 +242,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     from frugalseg.engine.trainer import BEST, CHECKPOINT, PREVIOUS, fit
     from frugalseg.eval.inference import MODEL_FILE
     from frugalseg.files import load_checkpoint, save_atomic, write_json_atomic
+    from frugalseg.hardware import resolve_precision
 
     out, method, seed, labelled = Path(req.out), req.method, req.seed, req.labelled
     main = dist.is_main()
@@ -300,6 +301,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     meta["train_seconds"] = result.seconds  # across resumes (each invocation up to its last checkpoint)
     meta["threads"] = threads
     meta["device"] = str(device)
+    meta["precision"] = resolve_precision(cfg.train.precision, device)
     write_json_atomic(meta, out / RUN_MARKER)
     if not req.keep_checkpoint:  # the full training state is no longer needed once model.pt is written
         for name in (CHECKPOINT, PREVIOUS):

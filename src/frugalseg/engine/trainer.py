@@ -23,6 +23,7 @@ from frugalseg.engine import distributed as dist
 from frugalseg.engine.tracking import RunLog
 from frugalseg.errors import UserError
 from frugalseg.files import load_checkpoint, save_atomic
+from frugalseg.hardware import resolve_precision
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the last one, kept in case the last is damaged
@@ -115,9 +116,10 @@ class StepRunner:
                                                   device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=method.spec.partial_graph)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.precision = resolve_precision(cfg.precision, device)
 
     def autocast(self):
-        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                 else contextlib.nullcontext())
 
     def __call__(self, step: int, progress: float) -> StepResult:

@@ -106,7 +106,7 @@ def load_onnx_model(path: Path) -> TrainedModel:
                         ) from None
     except Exception as exc:  # onnx / onnxruntime parse errors have their own types
         raise UserError(f"{path}: unreadable ONNX model ({type(exc).__name__})") from None
-    cfg.train.bf16 = False
+    cfg.train.precision = "fp32"
     net = OnnxNet(session, tuple(cfg.data.patch_size), cfg.eval.sw_overlap)
     return TrainedModel(net, cfg, list(meta["class_names"]), int(meta["in_channels"]), torch.device("cpu"),
                         meta.get("spacing"))

@@ -70,7 +70,9 @@ def load_model(run_dir: Path, device: torch.device | None = None) -> TrainedMode
 
 
 def _autocast(model: TrainedModel):
-    if model.cfg.train.bf16:
+    from frugalseg.hardware import resolve_precision
+
+    if resolve_precision(model.cfg.train.precision, model.device) == "bf16":
         return torch.autocast(model.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
