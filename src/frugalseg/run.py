@@ -169,8 +169,12 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
         init, meta = req.init, None
         if init is not None and not Path(init).is_file():
             raise UserError(f"--init {init}: weights file not found")
-        if out.exists() and (not out.is_dir() or _entries(out)) and not req.force:
-            prepare_dir(out, resume=False, force=False)  # raises the one-line error before any work
+        if out.exists() and (not out.is_dir() or _entries(out)):
+            if not req.force:
+                prepare_dir(out, resume=False, force=False)  # raises the one-line error before any work
+            elif out.is_dir() and (why := _ours(out)) is not None:
+                raise UserError(f"--out {out}: --force only overwrites a frugalseg run folder, and this is not one "
+                                f"({why})")
     source.check_cases(source.cases("all"))  # a damaged case of any split is found now, not after training
     lock = FolderLock(out) if main else None
     try:
