@@ -178,3 +178,32 @@ def test_keep_best_without_validation_is_refused():
 
     with pytest.raises(UserError, match="config key 'train.keep': best needs validation along the way"):
         build_config(2, None, ["train.keep=best"])
+
+
+def test_compiled_network_computes_what_the_eager_one_does_and_falls_back_where_compilation_fails(tmp_path,
+                                                                                                  monkeypatch):
+    from frugalseg.engine import trainer
+
+    method, sampler, opt, sched, cfg = _setup(steps=3)
+    batch = sampler.batch(0)
+    with torch.no_grad():
+        method.eval()
+        eager = method.net(batch["image"])
+    keys = set(method.net.state_dict())
+    assert trainer.compile_network(method.net)
+    with torch.no_grad():
+        torch.testing.assert_close(method.net(batch["image"]), eager, atol=1e-4, rtol=1e-4)
+    assert set(method.net.state_dict()) == keys  # compiled in place: no wrapper prefix in checkpoints
+    method.train()
+    cfg.train.compile = True
+    result = fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "compiled", torch.device("cpu"),
+                 show_progress=False)
+    assert math.isfinite(result.last_loss) and result.last_loss > 0
+
+    def broken(fn):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(trainer.torch, "compile", broken)
+    said = []
+    assert not trainer.compile_network(torch.nn.Linear(2, 2), said.append)
+    assert said == ["train.compile: compilation is unavailable here (RuntimeError); training eagerly"]

@@ -105,6 +105,9 @@ class TrainConfig:
     # bf16 autocast (weights stay fp32): "auto" = where the hardware multiplies bf16 (a CUDA GPU with bf16, a CPU
     # with AVX512-BF16 or AMX), fp32 elsewhere; the default stays fp32 until a paired Dice check on such hardware
     precision: str = "fp32"
+    # compile the network's forward and backward with torch.compile (inductor); falls back to eager, with a note,
+    # where compilation is unavailable (no C compiler, an unsupported operator)
+    compile: bool = False
     channels_last: bool = True
     log_every: int = 10
     checkpoint_every: int = 250

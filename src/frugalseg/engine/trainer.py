@@ -103,7 +103,7 @@ class StepRunner:
 
     def __init__(self, method: nn.Module, batches: Callable[[int], dict[str, torch.Tensor]],
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 cfg: TrainConfig, device: torch.device) -> None:
+                 cfg: TrainConfig, device: torch.device, notify: Callable[[str], None] | None = None) -> None:
         self.method, self.batches, self.optimizer, self.scheduler = method, batches, optimizer, scheduler
         self.cfg, self.device = cfg, device
         self.engine: nn.Module = _Stepper(method)
@@ -117,6 +117,7 @@ class StepRunner:
                                                   find_unused_parameters=method.spec.partial_graph)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.precision = resolve_precision(cfg.precision, device)
+        self.compiled = cfg.compile and compile_network(method.net, notify)
 
     def autocast(self):
         return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
@@ -156,6 +157,21 @@ def _clock(seconds: float) -> str:
 def _net_state(method: nn.Module) -> dict[str, torch.Tensor]:
     """The kept network's weights, on the CPU, in the default memory layout."""
     return {k: v.detach().cpu().contiguous() for k, v in method.net.state_dict().items()}
+
+
+def compile_network(net: nn.Module, notify: Callable[[str], None] | None = None) -> bool:
+    """Compile ``net``'s forward in place (``nn.Module.compile``: the parameters and the state dict are the
+    network's own). Returns whether it did: where a tiny probe does not compile (no C compiler, ...) the network
+    stays eager and ``notify`` hears why."""
+    try:
+        probe = torch.compile(lambda x: torch.relu(x) * 2)
+        probe(torch.ones(2))
+    except Exception as exc:  # inductor's failures come in many types
+        if notify is not None:
+            notify(f"train.compile: compilation is unavailable here ({type(exc).__name__}); training eagerly")
+        return False
+    net.compile()
+    return True
 
 
 def _agree_on_strides(method: nn.Module) -> None:
@@ -230,7 +246,7 @@ def fit(
         best = float(state.get("best_val", -math.inf))
     main = dist.is_main()
     log = RunLog(run_dir, resume_step=start if resume else None) if main else _NoLog()
-    runner = StepRunner(method, batches, optimizer, scheduler, cfg, device)
+    runner = StepRunner(method, batches, optimizer, scheduler, cfg, device, notify)
     total, t0, data_time, last_loss = cfg.steps, time.perf_counter(), 0.0, float("nan")
     val_time = 0.0  # seconds spent validating (not training)
     validating = validate is not None and cfg.val_every > 0 and main
