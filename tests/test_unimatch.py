@@ -124,3 +124,18 @@ def test_ema_teacher_option_predicts_the_pseudo_labels_and_moves_by_ema():
     method.after_optimizer_step(0.5)
     for k, v in method.teacher.state_dict().items():
         torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * method.net.state_dict()[k])
+
+
+def test_separate_batchnorm_passes_normalise_each_stream_alone():
+    from frugalseg.nn.unet import UNet
+
+    for separate, sizes in ((False, [5]), (True, [2, 3])):
+        net = UNet(2, 1, 3, (4, 8), norm="batch")
+        seen = []
+        first = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+        first.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        method = UniMatch(net, UniMatchOptions(separate_bn=separate))
+        batch = _batch(b=3, s=8)
+        batch["image"], batch["label"] = batch["image"][:2], batch["label"][:2]
+        method.training_step(batch, 0.5)
+        assert seen[: len(sizes)] == sizes, (separate, seen)

@@ -40,6 +40,8 @@ class UniMatchOptions:
         teacher: ``student`` (paper: the network's own prediction on the weak view, detached) or ``ema`` (an EMA
             copy of the network predicts the pseudo-labels: steadier when few labels make them noisy).
         ema: the EMA teacher's momentum (``teacher=ema`` only).
+        separate_bn: pass the labelled and the unlabelled batch through the network separately, so that BatchNorm
+            normalises each with its own statistics (as ``mean_teacher`` here); ``false`` = one joint pass (paper).
     """
 
     confidence: float = 0.95
@@ -49,6 +51,7 @@ class UniMatchOptions:
     rampup: float = 0.0
     teacher: str = "student"
     ema: float = 0.99
+    separate_bn: bool = False
 
     def __post_init__(self) -> None:
         check_fraction("confidence", self.confidence)
@@ -93,11 +96,17 @@ class UniMatch(Method):
         o = self.options
         x, y, u_w = batch["image"], batch["label"], batch["u_image"]
         n_l, n_u = x.shape[0], u_w.shape[0]
-        feats = self.net.encode(torch.cat([x, u_w]))
-        # clean [x; u_w] and perturbed u_w decoded in one pass
-        logits, _ = self.net.decode([torch.cat([f, self._dropout(f[n_l:])]) for f in feats])
-        logits = crop_to(logits, x.shape[2:])  # networks that pad to a multiple give padded maps
-        logits_x, logits_u, logits_fp = logits.split([n_l, n_u, n_u])
+        if o.separate_bn:  # labelled, then unlabelled (clean and perturbed in one decoder pass)
+            logits_x = crop_to(self.net.decode(self.net.encode(x))[0], x.shape[2:])
+            feats = self.net.encode(u_w)
+            logits, _ = self.net.decode([torch.cat([f, self._dropout(f)]) for f in feats])
+            logits_u, logits_fp = crop_to(logits, x.shape[2:]).split([n_u, n_u])
+        else:
+            feats = self.net.encode(torch.cat([x, u_w]))
+            # clean [x; u_w] and perturbed u_w decoded in one pass
+            logits, _ = self.net.decode([torch.cat([f, self._dropout(f[n_l:])]) for f in feats])
+            logits = crop_to(logits, x.shape[2:])  # networks that pad to a multiple give padded maps
+            logits_x, logits_u, logits_fp = logits.split([n_l, n_u, n_u])
         if self.teacher is not None:
             with torch.no_grad():
                 self.teacher.train(self.training)
