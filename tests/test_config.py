@@ -56,3 +56,11 @@ def test_exponent_floats_are_numbers_on_the_command_line_and_in_files(tmp_path):
     assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 5e-5
     assert cfg.method["ema"] == 0.99 and cfg.method["temperature"] == -20.0  # untyped method options too
     assert parse_set(["a=1", "b=1e", "c=e5", "d=1_000"]) == [{"a": 1}, {"b": "1e"}, {"c": "e5"}, {"d": 1000}]
+
+
+@pytest.mark.parametrize("method, dims, decay", [("gcl", 2, 0.0), ("lcl", 2, 0.0), ("byol", 2, 1e-6),
+                                                ("pcrlv2", 3, 1e-4), ("voco", 3, 0.01)])
+def test_pre_trainings_take_their_papers_weight_decay_and_no_clipping(method, dims, decay):
+    cfg = build_config(dims, method=method)
+    assert cfg.train.grad_clip == 0.0 and cfg.optim.weight_decay == pytest.approx(decay)
+    assert build_config(dims, method="supervised").train.grad_clip == 12.0  # training keeps the project's clip
