@@ -14,7 +14,7 @@ FLOORS = [
     {"data", "nn", "losses"},  # library: images, networks, loss functions
     {"methods", "engine"},  # methods (never the engine) and the one training loop (never a method)
     {"eval"},  # applying trained models: metrics, inference, evaluation, prediction, export, plots
-    {"recipes", "assemble", "run", "benchmark", "profile"},  # orchestrators
+    {"recipes", "assemble", "run", "benchmark", "profile", "curves"},  # orchestrators
     {"cli", "__main__"},
 ]
 FORBIDDEN = {("methods", "engine"), ("engine", "methods"), ("losses", "engine"), ("losses", "methods")}

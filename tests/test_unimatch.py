@@ -133,7 +133,7 @@ def test_separate_batchnorm_passes_normalise_each_stream_alone():
         net = UNet(2, 1, 3, (4, 8), norm="batch")
         seen = []
         first = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
-        first.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        first.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.shape[0]))
         method = UniMatch(net, UniMatchOptions(separate_bn=separate))
         batch = _batch(b=3, s=8)
         batch["image"], batch["label"] = batch["image"][:2], batch["label"][:2]

@@ -375,6 +375,23 @@ def benchmark(
 
 
 @app.command()
+@_guard
+def curve(
+    runs: list[Path] = typer.Argument(..., help="Run folders trained with --set train.val_every=K."),
+    out: Path = typer.Option(..., "--out", help="The figure to write (.png)."),
+    labels: str | None = typer.Option(None, "--labels", help="Comma-separated legend labels, one per run."),
+    force: bool = _flag("--force", "Overwrite --out."),
+) -> None:
+    """Validation Dice against training minutes (the stages a run started from included), one line per run."""
+    from frugalseg.curves import plot_runs
+
+    done = plot_runs(runs, [s.strip() for s in labels.split(",")] if labels else None, out, force)
+    for label, points in done:
+        typer.echo(f"{label}: " + ", ".join(f"{m:.1f} min {d:.3f}" for m, d in points))
+    typer.echo(f"written {out}")
+
+
+@app.command()
 def recipes() -> None:
     """List the recipes in configs/recipes."""
     from frugalseg.recipes import available, load_recipe

@@ -79,3 +79,21 @@ def overlay(items: list[tuple[str, Volume, np.ndarray]], path: Path, class_names
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def compute_curve(runs: list[tuple[str, list[tuple[float, float]]]], path: Path,
+                  title: str = "validation Dice against training time") -> None:
+    """Validation mean Dice against training minutes, one line per run: ``runs`` = ``[(label, [(minutes, dice)])]``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in runs:
+        xs, ys = zip(*points) if points else ((), ())
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("training minutes (this machine; validation time excluded)")
+    ax.set_ylabel("validation mean Dice")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
