@@ -137,3 +137,29 @@ def test_an_extra_folder_of_unlabelled_scans(folder, phantoms_2d, tmp_path):
     code, output = run("pretrain", "--data", folder, "--method", "byol", "--unlabelled", clash, "--out",
                        tmp_path / "p2", "--quiet", *_sets())
     assert code == 2 and "case id 'scan0' is also a case of --data" in output
+
+
+def test_train_runs_a_whole_recipe_into_one_folder_and_resumes_it(folder, tmp_path):
+    out = tmp_path / "bcp"
+    quick = _sets([*SETS, "train.steps=2"])
+    code, output = run("train", "--data", folder, "--labelled", 2, "--recipe", "bcp", "--out", out, "--quiet",
+                       *quick)
+    assert code == 0, output
+    first = out / "stages" / "1-copy_paste"
+    assert json.loads((first / "run.json").read_text())["status"] == "finished"
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["method"] == "bcp" and meta["init"] == str(first / "model.pt")
+    import yaml
+
+    # --set reaches every stage and comes last (above the recipe's own 1,500 steps for bcp)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 2
+    assert yaml.safe_load((first / "config.yaml").read_text())["train"]["steps"] == 2
+    code, output = run("train", "--data", folder, "--labelled", 2, "--recipe", "bcp", "--out", out, "--quiet",
+                       "--resume", *quick)
+    assert code == 2 and "every stage of recipe bcp already finished" in output
+    code, output = run("train", "--data", folder, "--labelled", 2, "--recipe", "bcp", "--method", "bcp", "--out",
+                       tmp_path / "x", "--quiet")
+    assert code == 2 and "give one" in output
+    code, output = run("train", "--data", folder, "--labelled", 2, "--recipe", "bcp", "--out", out, "--force",
+                       "--quiet", *quick)
+    assert code == 0, output

@@ -164,7 +164,10 @@ KeepOpt = _flag("--keep-checkpoint", "Keep checkpoint.pt (the full training stat
 @_guard
 def train(
     data: Path = DataOpt,
-    method: str = typer.Option("supervised", "--method", help="A registered method (see `frugalseg methods`)."),
+    method: str | None = typer.Option(None, "--method", help="A registered method (see `frugalseg methods`); "
+                                                              "default supervised."),
+    recipe: str | None = typer.Option(None, "--recipe", help="Run every stage of a recipe (see `frugalseg recipes`) "
+                                                              "instead of one method, e.g. bcp."),
     labelled: int = typer.Option(..., "--labelled", "--labeled", help="Number of labelled training volumes."),
     seed: int = typer.Option(0, "--seed", help="Seed: picks the labelled volumes and drives training."),
     out: Path = typer.Option(..., "--out", help="Run directory to create."),
@@ -179,11 +182,16 @@ def train(
     quiet: bool = _flag("--quiet", "No progress output."),
 ) -> None:
     """Train a network with N labelled volumes (and the unlabelled ones, for a semi-supervised method)."""
-    from frugalseg.run import RunRequest, run_stage
+    from frugalseg.run import RunRequest, run_recipe, run_stage
 
-    req = RunRequest(data, method, seed, out, labelled, init, config, set_ or [], [], resume, force, unlabelled,
-                     device, keep_checkpoint)
-    summary = run_stage(req, show_progress=not quiet, report=_say)
+    if method is not None and recipe is not None:
+        raise UserError("--method and --recipe: give one (a recipe names its methods)")
+    req = RunRequest(data, method or "supervised", seed, out, labelled, init, config, set_ or [], [], resume, force,
+                     unlabelled, device, keep_checkpoint)
+    if recipe is not None:
+        summary = run_recipe(req, recipe, show_progress=not quiet, report=_say)
+    else:
+        summary = run_stage(req, show_progress=not quiet, report=_say)
     _out(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s "
                f"(labelled: {', '.join(summary['labelled_cases'])}); model in {summary['run_dir']}/model.pt")
 

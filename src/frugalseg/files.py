@@ -103,10 +103,19 @@ class FolderLock:
     lock file is removed on release (the folder keeps only what the run wrote).
     """
 
+    _held: dict[Path, int] = {}  # folders this process holds (a nested run into a held folder shares the lock)
+
     def __init__(self, folder: Path | str, option: str = "--out") -> None:
         import fcntl
 
         self.folder, self.created = Path(folder), not Path(folder).exists()
+        self._fd = -1
+        key = self.folder.resolve()
+        if key in FolderLock._held:
+            self._nested = key
+            FolderLock._held[key] += 1
+            return
+        self._nested = None
         path = self.folder / LOCK_FILE
         for _ in range(10):  # the file may be removed between open and flock by the holder's release: retry
             try:
@@ -129,12 +138,18 @@ class FolderLock:
             os.close(self._fd)  # we locked a file that was removed meanwhile: take the new one
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())
+        FolderLock._held[self.folder.resolve()] = 1
 
     def release(self, remove_if_unused: bool = False) -> None:
         """Unlock and remove the lock file; with ``remove_if_unused``, also remove the folder if this lock created
         it and nothing else was written into it (a run refused before its first file leaves no trace)."""
+        if self._nested is not None:  # the outer holder releases
+            FolderLock._held[self._nested] -= 1
+            self._nested = None
+            return
         if self._fd < 0:
             return
+        FolderLock._held.pop(self.folder.resolve(), None)
         try:
             (self.folder / LOCK_FILE).unlink()
         except FileNotFoundError:

@@ -23,7 +23,8 @@ RUN_MARKER = "run.json"
 # what frugalseg writes into a run folder; --force removes a folder only when everything in it is one of these
 RUN_ENTRIES = {"config.yaml", "split.json", RUN_MARKER, "log.jsonl", "tb", "checkpoint.pt", "checkpoint.prev.pt",
                "checkpoint.damaged.pt", "model.pt", "best.pt", "learning_curve.png", "init_report.json", "cell.json",
-               LOCK_FILE}
+               LOCK_FILE, "stages"}
+STAGES = "stages"  # where `train --recipe` keeps the stages before the last
 RUN_PATTERNS = ("eval_*.json", ".tmp-*")
 RUN_KEYS = ("method", "seed", "status", "frugalseg")  # keys every run.json of ours holds
 DEMO_MARKER = "demo.json"
@@ -42,6 +43,13 @@ def _ours(out: Path) -> str | None:
             return f"its {DEMO_MARKER} was not written by frugalseg"
         foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES)
         return f"it holds {foreign[0]!r}, which frugalseg did not write" if foreign else None
+    if not (out / RUN_MARKER).exists() and (out / STAGES).is_dir() and {p.name for p in out.iterdir()} <= {
+            STAGES, LOCK_FILE}:  # a recipe run stopped before its last stage: only its stages so far
+        for stage in (out / STAGES).iterdir():
+            why = _ours(stage) if stage.is_dir() else f"it holds {stage.name!r}, which frugalseg did not write"
+            if why is not None:
+                return f"{STAGES}/{stage.name}: {why}"
+        return None
     try:
         meta = json.loads((out / RUN_MARKER).read_text())
     except (OSError, ValueError):
@@ -53,11 +61,13 @@ def _ours(out: Path) -> str | None:
     return f"it holds {foreign[0]!r}, which frugalseg did not write" if foreign else None
 
 
-def _entries(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+def _entries(out: Path, recipe: bool = False) -> list[Path]:
+    """What ``out`` holds besides the lock (and, for the last stage of a recipe, the stages before it)."""
+    skip = {LOCK_FILE, STAGES} if recipe else {LOCK_FILE}
+    return [p for p in out.iterdir() if p.name not in skip] if out.is_dir() else []
 
 
-def prepare_dir(out: Path, resume: bool, force: bool, option: str = "--out") -> None:
+def prepare_dir(out: Path, resume: bool, force: bool, option: str = "--out", recipe: bool = False) -> None:
     """Check ``out`` for a new run (or for ``--resume``) and empty it when ``--force`` allows. Never overwrites
     without ``--force``, and ``--force`` only ever empties a folder frugalseg made, with nothing of the user's in it.
     The caller holds the folder's lock (``files.FolderLock``)."""
@@ -68,7 +78,7 @@ def prepare_dir(out: Path, resume: bool, force: bool, option: str = "--out") -> 
         if not (out / RUN_MARKER).is_file():
             raise UserError(f"{option} {out}: nothing to resume (no {RUN_MARKER} in the folder)")
         return
-    if _entries(out):
+    if _entries(out, recipe):
         if not force:
             raise UserError(f"{option} {out}: already exists; pass --resume to continue it or --force to overwrite")
         why = _ours(out)
@@ -119,6 +129,7 @@ class RunRequest:
     unlabelled: Path | str | None = None  # a folder of extra unlabelled scans
     device: str = "auto"  # --device: auto (a CUDA GPU if there is one), cpu, cuda, cuda:i
     keep_checkpoint: bool = False  # keep checkpoint.pt (the full training state) once the run has finished
+    in_recipe: bool = False  # the last stage of `train --recipe`: its folder also holds the earlier stages
 
 
 MAX_SEED = 2**32 - 1
@@ -169,9 +180,9 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
         init, meta = req.init, None
         if init is not None and not Path(init).is_file():
             raise UserError(f"--init {init}: weights file not found")
-        if out.exists() and (not out.is_dir() or _entries(out)):
+        if out.exists() and (not out.is_dir() or _entries(out, req.in_recipe)):
             if not req.force:
-                prepare_dir(out, resume=False, force=False)  # raises the one-line error before any work
+                prepare_dir(out, resume=False, force=False, recipe=req.in_recipe)  # the one-line error, before work
             elif out.is_dir() and (why := _ours(out)) is not None:
                 raise UserError(f"--out {out}: --force only overwrites a frugalseg run folder, and this is not one "
                                 f"({why})")
@@ -263,7 +274,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     if not req.resume:
         dist.barrier()  # every rank has checked --out before rank 0 creates or replaces it
         if main:
-            prepare_dir(out, resume=False, force=req.force)
+            prepare_dir(out, resume=False, force=req.force, recipe=req.in_recipe)
         meta = {"method": method, "labelled": labelled, "seed": seed, "data": str(source.root),
                 "unlabelled": str(req.unlabelled) if req.unlabelled is not None else None,
                 "format": source.format, "class_names": source.class_names, "in_channels": source.in_channels,
@@ -319,6 +330,67 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     dist.barrier()
     summary["seconds"] = meta["train_seconds"]
     return summary
+
+
+def run_recipe(req: RunRequest, name: str, show_progress: bool = True, report=print) -> dict[str, Any]:
+    """Run every stage of recipe ``name`` with ``req``'s data, N, seed and settings, each starting from the weights
+    of the one before (``req.init``, if given, starts the first): the stages before the last in
+    ``OUT/stages/<k>-<method>/``, the last in ``OUT`` itself. With ``req.resume`` finished stages are kept and an
+    interrupted one continues. Each stage's own settings apply, and ``--set`` on top of them (as in a benchmark)."""
+    from dataclasses import replace
+
+    from frugalseg.engine import distributed as dist
+    from frugalseg.files import FolderLock
+    from frugalseg.methods.base import PRETRAIN
+    from frugalseg.recipes import load_recipe
+    from frugalseg.registry import method_spec
+
+    recipe = load_recipe(name)
+    out = Path(req.out)
+    check_seed(req.seed)
+    if req.labelled is None:
+        raise UserError(f"--recipe {name}: a recipe trains with labelled volumes: give --labelled N")
+    if not req.resume and out.exists() and (not out.is_dir() or _entries(out)):
+        if not req.force:
+            prepare_dir(out, resume=False, force=False)
+        elif out.is_dir() and (why := _ours(out)) is not None:
+            raise UserError(f"--out {out}: --force only overwrites a frugalseg run folder, and this is not one "
+                            f"({why})")
+    if req.resume and not (out / STAGES).is_dir() and not (out / RUN_MARKER).is_file():
+        raise UserError(f"--out {out}: nothing to resume (no stage of a recipe in the folder)")
+    lock = FolderLock(out) if dist.is_main() else None
+    try:
+        if req.force and not req.resume and dist.is_main():
+            prepare_dir(out, resume=False, force=True)  # an empty folder: every stage starts afresh
+        init, summary = req.init, {}
+        for k, st in enumerate(recipe.stages):
+            last = k == len(recipe.stages) - 1
+            stage_out = out if last else out / STAGES / f"{k + 1}-{st.method}"
+            kind = method_spec(st.method, st.overrides.get("method")).kind
+            stage_req = replace(req, method=st.method, out=stage_out, init=init, force=False, in_recipe=last,
+                                labelled=None if kind == PRETRAIN else req.labelled,
+                                extra_config=[*req.extra_config, *([st.overrides] if st.overrides else [])])
+            meta_path = stage_out / RUN_MARKER
+            finished = meta_path.is_file() and json.loads(meta_path.read_text()).get("status") == "finished"
+            if not finished:
+                stage_req.resume = meta_path.is_file()
+                if stage_req.resume and not req.resume:
+                    raise UserError(f"--out {out}: already holds an unfinished stage ({stage_out.name}); pass "
+                                    "--resume to continue it or --force to start again")
+                report(f"recipe {name}: stage {k + 1}/{len(recipe.stages)} {st.method}")
+                summary = run_stage(stage_req, show_progress, report)
+            init = stage_out / "model.pt"
+        if not summary:
+            raise UserError(f"--resume {out}: every stage of recipe {name} already finished")
+        return summary
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_if_unused=True)
+            lock = None
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _recorded(meta: dict[str, Any], key: str) -> Any:
