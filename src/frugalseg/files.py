@@ -136,6 +136,8 @@ class FolderLock:
             except FileNotFoundError:
                 pass
             os.close(self._fd)  # we locked a file that was removed meanwhile: take the new one
+        else:
+            raise UserError(f"{option} {folder}: its lock file keeps changing under another process; try again")
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())
         FolderLock._held[self.folder.resolve()] = 1
