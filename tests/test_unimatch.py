@@ -42,7 +42,7 @@ def _batch(b=3, s=8, seed=0):
 
 def test_strong_inputs_and_targets_take_the_partners_box(monkeypatch):
     seen_inputs, seen_dice = [], []
-    method = UniMatch(Linear1x1(), UniMatchOptions(confidence=0.5, dropout=0.0))
+    method = UniMatch(Linear1x1(), UniMatchOptions(confidence=0.5, dropout=0.0, separate_bn=False))
     real_forward = Linear1x1.forward
 
     def recording_forward(self, x):
@@ -95,7 +95,7 @@ def test_loss_weights_and_the_confidence_threshold():
 
 def test_feature_perturbation_drops_whole_channels_of_the_unlabelled_features_only(monkeypatch):
     captured = {}
-    method = UniMatch(Linear1x1(), UniMatchOptions(dropout=0.5))
+    method = UniMatch(Linear1x1(), UniMatchOptions(dropout=0.5, separate_bn=False))
     real_decode = Linear1x1.decode
 
     def recording_decode(self, feats):

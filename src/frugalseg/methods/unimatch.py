@@ -41,7 +41,8 @@ class UniMatchOptions:
             copy of the network predicts the pseudo-labels: steadier when few labels make them noisy).
         ema: the EMA teacher's momentum (``teacher=ema`` only).
         separate_bn: pass the labelled and the unlabelled batch through the network separately, so that BatchNorm
-            normalises each with its own statistics (as ``mean_teacher`` here); ``false`` = one joint pass (paper).
+            normalises each with its own statistics (as ``mean_teacher`` here; measured better, see
+            ``docs/methods/unimatch.md``); ``false`` = the paper's one joint pass.
     """
 
     confidence: float = 0.95
@@ -51,7 +52,7 @@ class UniMatchOptions:
     rampup: float = 0.0
     teacher: str = "student"
     ema: float = 0.99
-    separate_bn: bool = False
+    separate_bn: bool = True
 
     def __post_init__(self) -> None:
         check_fraction("confidence", self.confidence)
@@ -74,8 +75,9 @@ class UniMatch(Method):
     * Feature perturbation: the encoder features of ``u_w`` are decoded a second time after channel dropout
       (every level); ``L_fp = Dice`` of that prediction against ``u_w``'s pseudo-labels, same ignore rule.
 
-    ``[x; u_w]`` go through the encoder together (one batch: shared BatchNorm statistics, as the official code);
-    the clean and the perturbed features through one decoder pass.
+    By default the labelled and the unlabelled batch go through the network apart (BatchNorm statistics per
+    stream); ``separate_bn=false`` sends ``[x; u_w]`` through the encoder together, as the official code. The clean
+    and the perturbed unlabelled features go through one decoder pass.
     """
 
     Options = UniMatchOptions
