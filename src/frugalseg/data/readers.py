@@ -93,7 +93,12 @@ class DecathlonSource(DataSource):
         self._images: dict[str, list[Path]] = {}
         self._labels: dict[str, Path | None] = {}
         self.file_ending = meta.get("file_ending", ".nii.gz")
+        if not isinstance(self.file_ending, str):
+            raise UserError(f"{meta_path}: 'file_ending' must be a string such as \".nii.gz\"")
         channels = meta.get("modality") or meta.get("channel_names") or {"0": "image"}
+        if not isinstance(channels, (dict, list)):
+            key = "modality" if meta.get("modality") else "channel_names"
+            raise UserError(f"{meta_path}: '{key}' must map channel numbers to names, e.g. {{\"0\": \"MRI\"}}")
         if "training" in meta:
             train = self._entries(meta.get("training"), root, meta_path, "training", len(channels))
         else:  # nnU-Net raw or a plain folder: the images found in imagesTr/, with a label where there is one
