@@ -86,9 +86,13 @@ def compute_curve(runs: list[tuple[str, list[tuple[float, float]]]], path: Path,
     """Validation mean Dice against training minutes, one line per run: ``runs`` = ``[(label, [(minutes, dice)])]``."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, points in runs:
+    n = len(runs)
+    for i, (label, points) in enumerate(runs):
         xs, ys = zip(*points) if points else ((), ())
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        # earlier runs drawn thicker and on top: a run that continues another (its start stage included) shares
+        # its first points, which would otherwise hide the shorter line
+        ax.plot(xs, ys, marker="o", markersize=3, label=label, linewidth=1.2 + 1.5 * (n - 1 - i) / max(n - 1, 1),
+                linestyle=("-", "--", "-.", ":")[i % 4], zorder=2 + n - i)
     ax.set_xlabel("training minutes (this machine; validation time excluded)")
     ax.set_ylabel("validation mean Dice")
     ax.grid(alpha=0.3)
