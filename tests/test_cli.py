@@ -224,3 +224,14 @@ def test_learning_curve_is_log_scaled_only_for_positive_losses(tmp_path):
         finally:
             plt.Figure.savefig = original
     assert scales == ["log", "linear"] and (tmp_path / "neg.png").stat().st_size > 0
+
+
+def test_every_help_page_shows_flags_as_flags():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    assert {"train", "predict", "benchmark", "profile", "curve"} <= set(commands)
+    for name in [None, *commands]:
+        result = CliRunner().invoke(app, ([name] if name else []) + ["--help"], env={"COLUMNS": "160"})
+        assert result.exit_code == 0, (name, result.output)
+        assert "--help" in result.output and "<bool>" not in result.output, (name, result.output)

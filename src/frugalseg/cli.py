@@ -11,10 +11,29 @@ import sys
 from pathlib import Path
 
 import typer
+import typer.core
 
 from frugalseg.errors import EXIT_USAGE, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _FlagHelp:
+    """``--help`` shown as the flag it is (no ``<bool>`` type column), like every other flag of the CLI."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Label-efficient medical image segmentation.")
 
 
@@ -160,7 +179,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (a CUDA GPU if there is 
 KeepOpt = _flag("--keep-checkpoint", "Keep checkpoint.pt (the full training state) after the run finishes.")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def train(
     data: Path = DataOpt,
@@ -196,7 +215,7 @@ def train(
                f"(labelled: {', '.join(summary['labelled_cases'])}); model in {summary['run_dir']}/model.pt")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def pretrain(
     data: Path = DataOpt,
@@ -223,7 +242,7 @@ def pretrain(
                f"weights in {summary['run_dir']}/model.pt")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
@@ -240,7 +259,7 @@ def evaluate(
     typer.echo(f"written {Path(run_dir) / f'eval_{split}.json'}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def predict(
     run_dir: Path = typer.Argument(..., help="A finished run directory, or a model exported with `export`."),
@@ -271,7 +290,7 @@ def predict(
         _fail(f"{len(summary.failed)} of {len(summary.failed) + len(summary.written)} scans failed (named above)")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def export(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
@@ -285,7 +304,7 @@ def export(
     typer.echo(f"written {output} (ONNX Runtime matches PyTorch within {diff:.1e} on a test input)")
 
 
-@app.command("init-dataset")
+@app.command("init-dataset", cls=_Command)
 @_guard
 def init_dataset(
     images: Path = typer.Argument(..., help="Folder of scans (NIfTI), inside --out (e.g. OUT/imagesTr)."),
@@ -305,7 +324,7 @@ def init_dataset(
                + ", ".join(f"{k}={v}" for k, v in meta["labels"].items() if k != "0"))
 
 
-@app.command("import-weights")
+@app.command("import-weights", cls=_Command)
 @_guard
 def import_weights(
     source: Path = typer.Argument(..., help="Released weights file (read with weights_only=True)."),
@@ -323,7 +342,7 @@ def import_weights(
     typer.echo(f"use: frugalseg train ... --init {output} {report.use_hint()}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def methods() -> None:
     """List the registered methods."""
     from frugalseg.methods.base import PRETRAIN
@@ -336,7 +355,7 @@ def methods() -> None:
         typer.echo(f"{name:<16} {kind:<10} {_first_sentence(about)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the demo's data, run and figures."),
@@ -354,7 +373,7 @@ def demo(
     typer.echo(f"figures: {out / 'learning_curve.png'}, {out / 'prediction_overlay.png'}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def benchmark(
     data: Path = DataOpt,
@@ -382,7 +401,7 @@ def benchmark(
     _out(f"{len(rows)} cells; written {out / 'results.csv'}, {out / 'report.md'} and plots")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def curve(
     runs: list[Path] = typer.Argument(..., help="Run folders trained with --set train.val_every=K."),
@@ -399,7 +418,7 @@ def curve(
     typer.echo(f"written {out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def recipes() -> None:
     """List the recipes in configs/recipes."""
     from frugalseg.recipes import available, load_recipe
@@ -410,7 +429,7 @@ def recipes() -> None:
         typer.echo(f"{name:<{width}} {load_recipe(name).description}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_guard
 def profile(
     out: Path | None = typer.Option(None, "--out", help="Also write the figures as JSON here."),
@@ -453,7 +472,7 @@ def profile(
         typer.echo(f"written {out}")
 
 
-@app.command("config")
+@app.command("config", cls=_Command)
 @_guard
 def show_config(
     data: Path = DataOpt,
