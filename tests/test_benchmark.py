@@ -280,3 +280,14 @@ def test_pcrlv2_recipe_fine_tunes_from_the_encoder_only(phantoms_2d, tmp_path):
     report = json.loads((out / "runs" / "pcrlv2" / "n1_s0" / "init_report.json").read_text())
     assert report["loaded"] and all(k.startswith("encoder.") for k in report["loaded"])
     assert any(k.startswith("decoder.") for k in report["skipped"])  # the skip-less decoder is left out
+
+
+def test_acdc_report_names_the_strong_semi_supervised_state_of_the_art_beside_bcp_and_nothing_empty():
+    rows = [{"recipe": r, "labelled": 1, "seed": 0, "split": "val", "mean_dice": 0.5, "dice_a": 0.5, "mean_hd95": 1.0,
+             "train_seconds": 1.0, "pretrain_seconds": 0.0} for r in ("bcp", "mean-teacher")]
+    text = bm.report_markdown(rows, "ssl4mis_h5", ["bg", "a"])
+    assert "Published (ACDC" not in text  # neither recipe has a published row: no empty table
+    assert "UniMatch (CVPR 2023) 0.854" in text and "last checkpoint" in text
+    plain = bm.report_markdown([r for r in rows if r["recipe"] == "mean-teacher"], "ssl4mis_h5", ["bg", "a"])
+    assert "UniMatch" not in plain
+    assert "UniMatch" not in bm.report_markdown(rows, "decathlon", ["bg", "a"])
