@@ -291,3 +291,16 @@ def test_acdc_report_names_the_strong_semi_supervised_state_of_the_art_beside_bc
     plain = bm.report_markdown([r for r in rows if r["recipe"] == "mean-teacher"], "ssl4mis_h5", ["bg", "a"])
     assert "UniMatch" not in plain
     assert "UniMatch" not in bm.report_markdown(rows, "decathlon", ["bg", "a"])
+
+
+def test_off_a_terminal_every_cell_and_every_log_interval_is_one_line_with_its_count(phantoms_2d, tmp_path):
+    args = [a for a in _args(phantoms_2d, tmp_path / "bench", recipes="random") if a != "--quiet"]
+    result = CliRunner().invoke(app, args)  # the runner's stderr is no terminal
+    assert result.exit_code == 0, result.output
+    cells = [line for line in result.output.splitlines() if line.startswith("benchmark: random")]
+    assert [c.split("; ")[-1] for c in cells] == ["1/2 jobs)", "2/2 jobs)"], cells
+    train = ["train", "--data", str(phantoms_2d), "--labelled", "1", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, train + [x for s in TINY for x in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.output.splitlines() if "s/step, ETA" in line]
+    assert [line.split(",")[0].split(": ")[-1] for line in steps] == ["step 2/4", "step 4/4"], result.output

@@ -199,6 +199,13 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells) + len(earlier), desc="benchmark",
                disable=None if show_progress and main else True, unit="job")
+    jobs_done = 0  # counted here: a disabled bar (off a terminal) counts nothing
+
+    def advance() -> None:
+        nonlocal jobs_done
+        jobs_done += 1
+        bar.update(1)
+
     visited: set[Path] = set()
     for recipe, n, s in cells:
         cell_dir = where(recipe, len(recipe.stages) - 1, n, s)
@@ -213,13 +220,13 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
                                                [st.overrides] if st.overrides else [], **common), report)
             if run_dir not in visited:
                 visited.add(run_dir)
-                bar.update(1)
+                advance()
             init = run_dir / "model.pt"
             pre_seconds += _finished(run_dir) or 0.0
         bar.set_postfix(job=f"{recipe.name} N={n} seed={s}")
         if done.is_file():
             rows.append(_cell_row(done))
-            bar.update(1)
+            advance()
             continue
         t0 = time.perf_counter()
         final = recipe.final
@@ -241,10 +248,10 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
                "pretrain_seconds": pre_seconds, "wall_seconds": wall}
         write_json_atomic({**row, "recipe_key": keys[recipe.name]}, done)
         rows.append(row)
-        bar.update(1)
+        advance()
         if show_progress and not sys.stderr.isatty():  # a log file: one line per cell
             report(f"benchmark: {recipe.name} N={n} seed={s}: mean Dice {row['mean_dice']:.4f} "
-                   f"({row['train_seconds']:.0f} s training; {bar.n}/{bar.total} jobs)")
+                   f"({row['train_seconds']:.0f} s training; {jobs_done}/{bar.total} jobs)")
     bar.close()
     if not main:
         return rows
