@@ -15,6 +15,7 @@ import typer.core
 
 from frugalseg.errors import EXIT_USAGE, UserError
 
+
 class _FlagHelp:
     """``--help`` shown as the flag it is (no ``<bool>`` type column), like every other flag of the CLI."""
 
