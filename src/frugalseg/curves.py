@@ -8,35 +8,29 @@ from pathlib import Path
 from frugalseg.errors import UserError
 
 
-def earlier_seconds(run_dir: Path) -> float:
-    """Training seconds of the stages a run started from: its ``--init`` chain of frugalseg run folders."""
-    total, seen = 0.0, set()
-    current = Path(run_dir)
-    while True:
-        try:
-            init = json.loads((current / "run.json").read_text()).get("init")
-        except (OSError, ValueError):
-            return total
-        if not init:
-            return total
-        parent = Path(init).parent
-        if parent in seen or not (parent / "run.json").is_file():
-            return total  # weights from elsewhere (a released checkpoint): no time of ours to add
-        seen.add(parent)
-        try:
-            total += float(json.loads((parent / "run.json").read_text()).get("train_seconds", 0.0))
-        except (OSError, ValueError):
-            return total
-        current = parent
-
-
 def _init_run(run_dir: Path) -> Path | None:
+    """The frugalseg run folder whose ``model.pt`` started ``run_dir`` (``--init``), if there is one."""
     try:
         init = json.loads((Path(run_dir) / "run.json").read_text()).get("init")
     except (OSError, ValueError):
         return None
     parent = Path(init).parent if init else None
     return parent if parent is not None and (parent / "run.json").is_file() else None
+
+
+def earlier_seconds(run_dir: Path) -> float:
+    """Training seconds of the stages a run started from: its ``--init`` chain of frugalseg run folders (weights
+    from elsewhere, such as a released checkpoint, add no time of ours)."""
+    total, seen = 0.0, set()
+    parent = _init_run(run_dir)
+    while parent is not None and parent not in seen:
+        seen.add(parent)
+        try:
+            total += float(json.loads((parent / "run.json").read_text()).get("train_seconds") or 0.0)
+        except (OSError, ValueError, TypeError):
+            break
+        parent = _init_run(parent)
+    return total
 
 
 def validation_points(run_dir: Path, include_earlier: bool = True) -> list[tuple[float, float]]:

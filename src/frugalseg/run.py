@@ -67,6 +67,18 @@ def _entries(out: Path, recipe: bool = False) -> list[Path]:
     return [p for p in out.iterdir() if p.name not in skip] if out.is_dir() else []
 
 
+def check_out(out: Path, force: bool, recipe: bool = False) -> None:
+    """Refuse a new run into ``out``, in one line and before any work, when it holds something and ``--force`` is
+    not given, or when ``--force`` is given for a folder frugalseg did not make (``prepare_dir`` empties it later,
+    under the lock)."""
+    if not out.exists() or (out.is_dir() and not _entries(out, recipe)):
+        return
+    if not force:
+        prepare_dir(out, resume=False, force=False, recipe=recipe)  # raises its one-line error
+    elif out.is_dir() and (why := _ours(out)) is not None:
+        raise UserError(f"--out {out}: --force only overwrites a frugalseg run folder, and this is not one ({why})")
+
+
 def prepare_dir(out: Path, resume: bool, force: bool, option: str = "--out", recipe: bool = False) -> None:
     """Check ``out`` for a new run (or for ``--resume``) and empty it when ``--force`` allows. Never overwrites
     without ``--force``, and ``--force`` only ever empties a folder frugalseg made, with nothing of the user's in it.
@@ -180,12 +192,7 @@ def run_stage(req: RunRequest, show_progress: bool = True, report=print) -> dict
         init, meta = req.init, None
         if init is not None and not Path(init).is_file():
             raise UserError(f"--init {init}: weights file not found")
-        if out.exists() and (not out.is_dir() or _entries(out, req.in_recipe)):
-            if not req.force:
-                prepare_dir(out, resume=False, force=False, recipe=req.in_recipe)  # the one-line error, before work
-            elif out.is_dir() and (why := _ours(out)) is not None:
-                raise UserError(f"--out {out}: --force only overwrites a frugalseg run folder, and this is not one "
-                                f"({why})")
+        check_out(out, req.force, recipe=req.in_recipe)
     source.check_cases(source.cases("all"))  # a damaged case of any split is found now, not after training
     lock = FolderLock(out) if main else None
     try:
@@ -350,12 +357,8 @@ def run_recipe(req: RunRequest, name: str, show_progress: bool = True, report=pr
     check_seed(req.seed)
     if req.labelled is None:
         raise UserError(f"--recipe {name}: a recipe trains with labelled volumes: give --labelled N")
-    if not req.resume and out.exists() and (not out.is_dir() or _entries(out)):
-        if not req.force:
-            prepare_dir(out, resume=False, force=False)
-        elif out.is_dir() and (why := _ours(out)) is not None:
-            raise UserError(f"--out {out}: --force only overwrites a frugalseg run folder, and this is not one "
-                            f"({why})")
+    if not req.resume:
+        check_out(out, req.force)
     if req.resume and not (out / STAGES).is_dir() and not (out / RUN_MARKER).is_file():
         raise UserError(f"--out {out}: nothing to resume (no stage of a recipe in the folder)")
     lock = FolderLock(out) if dist.is_main() else None
