@@ -299,6 +299,10 @@ def test_off_a_terminal_every_cell_and_every_log_interval_is_one_line_with_its_c
     assert result.exit_code == 0, result.output
     cells = [line for line in result.output.splitlines() if line.startswith("benchmark: random")]
     assert [c.split("; ")[-1] for c in cells] == ["1/2 jobs)", "2/2 jobs)"], cells
+    steps = [line.split(", loss")[0] for line in result.output.splitlines() if "s/step, ETA" in line]
+    assert steps == [f"supervised N={n} seed=0: step {k}/4" for n in (1, 2) for k in (2, 4)], result.output
+    lines = result.output.splitlines()  # a cell's training lines come before its result line
+    assert lines.index(cells[0]) > lines.index(next(x for x in lines if x.startswith("supervised N=1 seed=0: step 4")))
     train = ["train", "--data", str(phantoms_2d), "--labelled", "1", "--out", str(tmp_path / "run")]
     result = CliRunner().invoke(app, train + [x for s in TINY for x in ("--set", s)])
     assert result.exit_code == 0, result.output

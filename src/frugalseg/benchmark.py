@@ -217,7 +217,7 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
                 bar.set_postfix(job=f"{st.method} seed={s}" + (f" N={n}" if reads_labels[recipe.name][i] else ""))
                 _run_stage(run_dir, RunRequest(source.root, st.method, s, run_dir,
                                                n if reads_labels[recipe.name][i] else None, init, None, sets,
-                                               [st.overrides] if st.overrides else [], **common), report)
+                                               [st.overrides] if st.overrides else [], **common), report, show_progress)
             if run_dir not in visited:
                 visited.add(run_dir)
                 advance()
@@ -231,7 +231,7 @@ def _run_cells(loaded, cells, labelled, seeds, out, split, sets, source, eval_so
         t0 = time.perf_counter()
         final = recipe.final
         _run_stage(cell_dir, RunRequest(source.root, final.method, s, cell_dir, n, init, None, sets,
-                                        [final.overrides] if final.overrides else [], **common), report)
+                                        [final.overrides] if final.overrides else [], **common), report, show_progress)
         if not main:  # evaluation is rank 0's; the others wait for its result (no collective: no time limit)
             while not done.is_file():
                 time.sleep(1.0)
@@ -316,8 +316,9 @@ def _finished(run_dir: Path) -> float | None:
     return None
 
 
-def _run_stage(run_dir: Path, req: RunRequest, report) -> None:
-    """Run ``req`` unless it already finished; resumed when it checkpointed."""
+def _run_stage(run_dir: Path, req: RunRequest, report, show_progress: bool) -> None:
+    """Run ``req`` unless it already finished; resumed when it checkpointed. Its progress shows as a bar under the
+    benchmark's on a terminal, as a line per log interval in a log file."""
     if _finished(run_dir) is not None:
         return
     from frugalseg.engine import distributed as dist
@@ -327,7 +328,7 @@ def _run_stage(run_dir: Path, req: RunRequest, report) -> None:
     if not req.resume and run_dir.exists() and dist.is_main():
         shutil.rmtree(run_dir)  # an unfinished run of this benchmark that never checkpointed
     dist.barrier()
-    run_stage(req, show_progress=False, report=report)
+    run_stage(req, show_progress=show_progress, report=report)
 
 
 def plot_overlays(out: Path, recipes, labelled: list[int], seeds: list[int], eval_source, split: str) -> None:
