@@ -130,3 +130,29 @@ def test_warm_up_trains_supervised_and_cross_entropy_consistency_only():
     assert out.loss.item() == pytest.approx((out.logs["loss_dice_ce"] + 4.0 * ce).item(), rel=1e-5)
     after = method.training_step(batch, 0.6)  # after it: patches are picked and queued
     assert after.logs["patches"] > 0 and int(method.queue_count.sum()) > 0
+    off = PatchCL(UNet(2, 1, 3, (4, 8, 16)), PatchCLOptions(patch=8, per_class=4, queue=16, embedding=8, contrast=0.0))
+    out = off.training_step(batch, 0.9)  # γ = 0: no patch work at all
+    assert out.logs["patches"] == 0 and int(off.queue_count.sum()) == 0
+
+
+def test_consistency_leaves_out_pixels_below_the_confidence_threshold():
+    torch.manual_seed(0)
+    method = PatchCL(UNet(2, 1, 3, (4, 8, 16)), PatchCLOptions(patch=8, per_class=4, queue=16, embedding=8,
+                                                              warmup=0.5, rampup=0.0, confidence=0.4))
+    g = torch.Generator().manual_seed(3)
+    label = torch.zeros(2, 32, 32, dtype=torch.long)
+    label[:, 8:24, 8:24] = 1
+    batch = {"image": torch.randn(2, 1, 32, 32, generator=g), "label": label,
+             "u_image": torch.randn(2, 1, 32, 32, generator=g), "u_view2": torch.randn(2, 1, 32, 32, generator=g)}
+    out = method.training_step(batch, 0.1)
+    with torch.no_grad():
+        method.teacher.train()
+        prob = method.teacher(batch["u_view2"]).softmax(1)
+        student = method.net(batch["u_image"])
+    kept = prob.max(1).values >= 0.4
+    assert 0 < kept.float().mean() < 1  # the threshold splits this batch
+    ce = torch.nn.functional.cross_entropy(student, prob.argmax(1), reduction="none")
+    # the left-out pixels count as zeros in the mean; all pixels in would give the plain mean
+    assert out.logs["loss_consistency"].item() == pytest.approx((ce * kept).mean().item(), rel=1e-5)
+    assert out.logs["loss_consistency"].item() < ce.mean().item()
+    assert out.logs["confident"].item() == pytest.approx(kept.float().mean().item())

@@ -37,6 +37,9 @@ class PatchCLOptions:
         consistency: β, weight of L_reg (cross-entropy of the student on the strong view against the teacher's
             hard pseudo-label on the weak view) at the end of its ramp-up (the official code's 4).
         rampup: β's sigmoid ramp-up length as a fraction of training (ours; the paper does not say).
+        confidence: pixels whose teacher confidence (softmax maximum on the weak view) is below this are left out of
+            L_reg (they count in its mean as zeros, as FixMatch / UniMatch); 0, the default, keeps every pixel (the
+            paper).
         contrast: γ, weight of the patch contrastive loss (the official code's 0.5).
         warmup: fraction of training before the contrastive loss starts (the paper's warm-up: L_sup + β·L_reg).
         pseudo_labels: whose softmax gives the unlabelled images' class confidences C^k: ``student`` (the paper:
@@ -53,6 +56,7 @@ class PatchCLOptions:
     ema: float = 0.99
     consistency: float = 4.0
     rampup: float = 0.4
+    confidence: float = 0.0
     contrast: float = 0.5
     warmup: float = 0.2
     pseudo_labels: str = "student"
@@ -69,7 +73,7 @@ class PatchCLOptions:
         check_momentum("ema", self.ema)
         for name in ("consistency", "contrast"):
             check_non_negative(name, getattr(self, name))
-        for name in ("rampup", "warmup"):
+        for name in ("rampup", "warmup", "confidence"):
             check_fraction(name, getattr(self, name))
         check_choice("pseudo_labels", self.pseudo_labels, ("student", "teacher"))
         for name in ("patch", "per_class", "queue", "embedding", "temperature"):
@@ -138,7 +142,8 @@ class PatchCL(Method):
     def training_step(self, batch: dict[str, torch.Tensor], progress: float) -> StepOutput:
         o = self.options
         n = batch["image"].shape[0]
-        contrast = progress >= o.warmup  # the warm-up trains L_sup + β·L_reg only (the paper)
+        # the warm-up trains L_sup + β·L_reg only (the paper); γ = 0 skips the patch work altogether
+        contrast = progress >= o.warmup and o.contrast > 0
         # labelled and unlabelled streams in separate passes (BatchNorm statistics per stream, as mean_teacher)
         logits, dec = _joined([self.net.decode(self.net.encode(batch[k])) for k in ("image", "u_image")])
         sup = segmentation_loss(self.loss_fn, logits[:n], batch["label"])
@@ -151,7 +156,9 @@ class PatchCL(Method):
             else:
                 t_u = self.teacher(batch["u_view2"])
         # L_reg: cross-entropy of the student on the strong view against the teacher's pseudo-label on the weak view
-        cons = F.cross_entropy(logits[n:].float(), t_u.float().argmax(1))
+        t_prob, pseudo = t_u.float().softmax(1).max(1)
+        confident = t_prob >= o.confidence
+        cons = (F.cross_entropy(logits[n:].float(), pseudo, reduction="none") * confident).mean()
         weight = o.consistency * sigmoid_rampup(progress, o.rampup)
 
         plgcl, n_picks = logits.new_zeros(()), 0
@@ -183,7 +190,8 @@ class PatchCL(Method):
             self._enqueue(gather_uneven(t_emb.float()), gather_uneven(classes))
         loss = sup + weight * cons + o.contrast * plgcl
         return StepOutput(loss, {"loss_dice_ce": sup.detach(), "loss_consistency": cons.detach(),
-                                 "loss_plgcl": plgcl.detach(), "patches": float(n_picks)})
+                                 "loss_plgcl": plgcl.detach(), "patches": float(n_picks),
+                                 "confident": confident.float().mean()})
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
