@@ -112,7 +112,8 @@ def test_patch_entropy_is_that_of_the_attended_image():
 def test_warm_up_trains_supervised_and_cross_entropy_consistency_only():
     torch.manual_seed(0)
     method = PatchCL(UNet(2, 1, 3, (4, 8, 16)), PatchCLOptions(patch=8, per_class=4, queue=16, embedding=8,
-                                                              warmup=0.5, consistency=4.0, rampup=0.0))
+                                                              warmup=0.5, consistency=4.0, rampup=0.0,
+                                                              confidence=0.0))
     g = torch.Generator().manual_seed(1)
     label = torch.zeros(2, 32, 32, dtype=torch.long)
     label[:, 8:24, 8:24] = 1

@@ -38,8 +38,8 @@ class PatchCLOptions:
             hard pseudo-label on the weak view) at the end of its ramp-up (the official code's 4).
         rampup: β's sigmoid ramp-up length as a fraction of training (ours; the paper does not say).
         confidence: pixels whose teacher confidence (softmax maximum on the weak view) is below this are left out of
-            L_reg (they count in its mean as zeros, as FixMatch / UniMatch); 0, the default, keeps every pixel (the
-            paper).
+            L_reg (they count in its mean as zeros, as FixMatch / UniMatch). Ours, chosen on val; 0 keeps every pixel
+            (the paper).
         contrast: γ, weight of the patch contrastive loss (the official code's 0.5).
         warmup: fraction of training before the contrastive loss starts (the paper's warm-up: L_sup + β·L_reg).
         pseudo_labels: whose softmax gives the unlabelled images' class confidences C^k: ``student`` (the paper:
@@ -56,7 +56,7 @@ class PatchCLOptions:
     ema: float = 0.99
     consistency: float = 4.0
     rampup: float = 0.4
-    confidence: float = 0.0
+    confidence: float = 0.95
     contrast: float = 0.5
     warmup: float = 0.2
     pseudo_labels: str = "student"
@@ -84,12 +84,12 @@ class PatchCL(Method):
     """``L = L_sup + β·r(progress)·L_reg + γ·L_PLGCL`` with an EMA teacher (see ``docs/methods/patchcl.md``).
 
     ``L_reg`` is the cross-entropy of the student on the strong view against the teacher's hard pseudo-label on
-    the weak view. After the warm-up, class confidences C^k come from the labels where they exist and from the
-    student's softmax elsewhere; for each class the patches it dominates are ranked by the mean binary entropy of
-    the attended image I ⊙ C^k, the most certain ``per_class`` are kept, and each is embedded from a decoder feature
-    map attended by C^k (confidence-weighted pooling over the patch). The teacher's embeddings of the same patches
-    fill per-class FIFO queues whose means and covariances define the closed-form contrastive bound for the
-    student's embeddings.
+    the weak view, on the pixels where the teacher is confident (``confidence``). After the warm-up, class
+    confidences C^k come from the labels where they exist and from the student's softmax elsewhere; for each class
+    the patches it dominates are ranked by the mean binary entropy of the attended image I ⊙ C^k, the most certain
+    ``per_class`` are kept, and each is embedded from a decoder feature map attended by C^k (confidence-weighted
+    pooling over the patch). The teacher's embeddings of the same patches fill per-class FIFO queues whose means and
+    covariances define the closed-form contrastive bound for the student's embeddings.
     """
 
     Options = PatchCLOptions
