@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from frugalseg.collectives import gather_uneven
 from frugalseg.losses.consistency import sigmoid_rampup
 from frugalseg.losses.patchcl import attended_patch_features, patch_statistics, plgcl_loss, select_patches
+from frugalseg.losses.pseudo_labels import hard_labels
 from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
 from frugalseg.methods.base import TRAIN, Incompatible, Method, MethodSpec, StepOutput
 from frugalseg.methods.mean_teacher import TEACHER_STUDENT_VIEWS
@@ -156,8 +157,8 @@ class PatchCL(Method):
             else:
                 t_u = self.teacher(batch["u_view2"])
         # L_reg: cross-entropy of the student on the strong view against the teacher's pseudo-label on the weak view
-        t_prob, pseudo = t_u.float().softmax(1).max(1)
-        confident = t_prob >= o.confidence
+        pseudo, t_prob = hard_labels(t_u)
+        confident = t_prob >= o.confidence  # the rest count as zeros in the mean (FixMatch / UniMatch)
         cons = (F.cross_entropy(logits[n:].float(), pseudo, reduction="none") * confident).mean()
         weight = o.consistency * sigmoid_rampup(progress, o.rampup)
 
