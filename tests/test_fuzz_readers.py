@@ -10,7 +10,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from frugalseg.data.nifti import read_nifti
@@ -78,6 +78,8 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(all
                                                     "channel_names", "file_ending", "numTraining"]), JSONISH,
                                  max_size=6),
                  JSONISH))
+@example(content={"labels": {"\u00b2": None}})  # "²".isdigit() is True but int("²") raises: found by this test
+@example(content={"labels": {"0": "background", "\u00b9": "LV"}})
 def test_dataset_json_random_content(phantoms_2d, content):
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "data"

@@ -163,3 +163,22 @@ def test_train_runs_a_whole_recipe_into_one_folder_and_resumes_it(folder, tmp_pa
     code, output = run("train", "--data", folder, "--labelled", 2, "--recipe", "bcp", "--out", out, "--force",
                        "--quiet", *quick)
     assert code == 0, output
+
+
+@pytest.mark.parametrize("text", ["\u00b2=LV", "1=LV,\u00b3=RV", "x=LV", "1=", "0=bg"])
+def test_labels_option_refuses_non_ascii_digits_and_bad_pairs_with_a_user_error(text):
+    from frugalseg.data.layout import parse_labels
+    from frugalseg.errors import UserError
+
+    with pytest.raises(UserError, match="--labels"):
+        parse_labels(text)
+    assert parse_labels("1=LV, 2=RV") == {1: "LV", 2: "RV"}
+
+
+@pytest.mark.parametrize("choice", ["cuda:\u00b9", "cuda:", "gpu"])
+def test_device_option_refuses_malformed_choices_with_a_user_error(choice):
+    from frugalseg.errors import UserError
+    from frugalseg.hardware import pick_device
+
+    with pytest.raises(UserError, match="--device"):
+        pick_device(choice)

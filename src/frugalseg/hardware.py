@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from frugalseg.errors import UserError
@@ -31,7 +32,7 @@ def pick_device(choice: str = "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cpu":
         return torch.device("cpu")
-    if choice == "cuda" or (choice.startswith("cuda:") and choice[5:].isdigit()):
+    if choice == "cuda" or (choice.startswith("cuda:") and re.fullmatch(r"[0-9]+", choice[5:])):
         if not torch.cuda.is_available():
             raise UserError(f"--device {choice}: no CUDA GPU is available here")
         index = int(choice[5:]) if ":" in choice else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ def parse_labels(text: str) -> dict[int, str]:
     out: dict[int, str] = {}
     for item in [t.strip() for t in text.split(",") if t.strip()]:
         key, sep, name = item.partition("=")
-        if not sep or not key.strip().isdigit() or not name.strip():
+        if not sep or not re.fullmatch(r"[0-9]+", key.strip()) or not name.strip():
             raise UserError(f"--labels {text!r}: expected index=name pairs, e.g. \"1=LV,2=RV\"")
         index = int(key)
         if index == 0 or index in out:

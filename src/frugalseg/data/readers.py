@@ -337,7 +337,7 @@ def _class_names(labels, meta_path: Path) -> list[str]:
         raise UserError(f"{meta_path}: missing or empty 'labels'")
     pairs: dict[int, str] = {}
     for k, v in labels.items():
-        if str(k).lstrip("-").isdigit():  # Decathlon: {"0": "background"}
+        if re.fullmatch(r"-?[0-9]+", str(k)):  # Decathlon: {"0": "background"}; ASCII only ("²".isdigit() is True)
             pairs[int(k)] = str(v)
         elif isinstance(v, int):  # nnU-Net v2: {"background": 0}
             pairs[v] = str(k)
