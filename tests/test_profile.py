@@ -149,3 +149,42 @@ def test_a_run_records_its_precision_and_the_profile_row_its_roof(phantoms_2d, t
     row = prof.profile_config(2, "supervised", steps=1, warmup=0,
                               sets=["data.batch_size=2", "model.channels=[4,8]", "data.patch_size=[32,32]"])
     assert row["precision"] == "fp32" and row["eval_volumes_per_second"] > 0
+
+
+def test_profile_against_an_earlier_profile_gives_the_speedup_per_method_and_config(tmp_path, monkeypatch):
+    fake_peak = {"conv2d_fp32_flops": 2e11, "conv2d_bf16_flops": 1e11, "conv3d_fp32_flops": 2e11,
+                 "conv3d_bf16_flops": 1e11, "peak_flops": 2e11, "native_bf16": False}
+    calls = []
+
+    def fake_run(dims, method, steps, warmup, sets, threads):
+        calls.append(dims)
+        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "precision": "fp32",
+                "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0, "data_fraction": 0.05,
+                "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0,
+                "eval_volumes_per_second": 3.0}
+
+    monkeypatch.setattr(prof, "_in_fresh_process", lambda fn, *a: fake_peak if fn is prof._peak_job else fake_run(*a))
+    before = tmp_path / "before.json"  # only the 2-D row was profiled then: 1.6 s/step, 1.2 volumes/s
+    before.write_text(json.dumps({"set": ["train.compile=false"], "runs": [
+        {"method": "supervised", "config": "default-2d", "seconds_per_step": 1.6, "eval_volumes_per_second": 1.2},
+        {"method": "bcp", "config": "default-2d", "seconds_per_step": 9.0}]}))
+    out = tmp_path / "after.json"
+    ok = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(before), "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    rows = {r["config"]: r for r in json.loads(out.read_text())["runs"]}
+    assert rows["default-2d"]["speedup"] == pytest.approx(3.2)  # 1.6 s -> 0.5 s
+    assert rows["default-2d"]["eval_speedup"] == pytest.approx(2.5)  # 1.2 -> 3.0 volumes/s
+    assert "speedup" not in rows["default-3d"]  # nothing to compare with
+    line2d = next(x for x in ok.output.splitlines() if x.startswith("supervised") and "default-2d" in x)
+    line3d = next(x for x in ok.output.splitlines() if x.startswith("supervised") and "default-3d" in x)
+    assert line2d.split()[-2:] == ["3.20", "2.50"] and line3d.split()[-2:] == ["-", "-"]
+    assert "--set train.compile=false" in ok.output
+    calls.clear()
+    for content in ("{not json", json.dumps({"runs": [{"method": "x"}]}), json.dumps([1, 2])):
+        before.write_text(content)
+        bad = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(before)])
+        assert bad.exit_code == 2 and "--against" in bad.output and "not a profile" in bad.output
+        assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+    missing = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(tmp_path / "no.json")])
+    assert missing.exit_code == 2 and "cannot read" in missing.output
+    assert calls == []  # refused before anything was profiled

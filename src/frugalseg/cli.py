@@ -438,17 +438,20 @@ def profile(
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all)."),
     force: bool = _flag("--force", "Overwrite --out."),
     dims: str = typer.Option("2,3", "--dims", help="Which default configs: 2, 3 or 2,3."),
+    against: Path | None = typer.Option(None, "--against", help="An earlier profile's --out JSON: add the "
+                                        "speed-up over it (step and evaluation) per method and config."),
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Step time, samples/s, data wait, peak RSS and FLOP/s vs this machine's peak, per method, 2-D and 3-D.
 
-    --set applies to every profiled config, e.g. --set train.precision=bf16 to time bf16 autocast.
+    --set applies to every profiled config, e.g. --set train.precision=bf16 to time bf16 autocast;
+    --against runs/profile.json (written by an earlier --out) gives the ratio to that run, e.g. to the defaults.
     """
     import json
 
     from frugalseg.config import build_config
     from frugalseg.files import write_atomic
-    from frugalseg.profile import format_table, profile_all
+    from frugalseg.profile import compare, format_table, profile_all, read_baseline
     from frugalseg.registry import METHODS
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(METHODS)
@@ -462,7 +465,10 @@ def profile(
             build_config(d, None, set_ or [], method=m)  # a bad --set fails here, before any profiling
     if out is not None and out.exists() and not force:
         raise UserError(f"--out {out}: exists (add --force to overwrite)")
+    baseline = read_baseline(against) if against is not None else None  # a bad file fails before any profiling
     result = profile_all(steps, chosen, dims=which, progress=_say, sets=set_ or [])
+    if baseline is not None:
+        result = compare(result, baseline, str(against))
     typer.echo(format_table(result))
     if out is not None:
         try:

@@ -175,20 +175,69 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
     return {"threads": threads, "torch": torch.__version__, "set": list(sets or []), "peak": peak, "runs": runs}
 
 
+def read_baseline(path: Path) -> dict:
+    """A profile written earlier by ``frugalseg profile --out`` (what ``--against`` compares with), checked."""
+    import json
+
+    from frugalseg.errors import UserError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        runs = data["runs"]
+        for r in runs:
+            if not (isinstance(r["method"], str) and isinstance(r["config"], str)
+                    and float(r["seconds_per_step"]) > 0):
+                raise ValueError
+    except OSError as exc:
+        raise UserError(f"--against {path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"--against {path}: not a profile written by frugalseg profile --out") from None
+    return data
+
+
+def compare(result: dict, baseline: dict, name: str) -> dict:
+    """``result`` with, on every row the ``baseline`` profile also has (same method and config), ``speedup`` (the
+    baseline's seconds per step over this one's) and ``eval_speedup`` (this one's evaluation volumes/s over the
+    baseline's, where both were measured)."""
+    before = {(r["method"], r["config"]): r for r in baseline["runs"]}
+    runs = []
+    for r in result["runs"]:
+        r = dict(r)
+        b = before.get((r["method"], r["config"]))
+        if b is not None:
+            r["speedup"] = float(b["seconds_per_step"]) / r["seconds_per_step"]
+            ev, ev_b = r.get("eval_volumes_per_second"), b.get("eval_volumes_per_second")
+            if ev and ev_b:
+                r["eval_speedup"] = ev / float(ev_b)
+        runs.append(r)
+    return {**result, "runs": runs, "against": {"file": name, "set": list(baseline.get("set") or [])}}
+
+
 def format_table(result: dict) -> str:
-    """The profile as a fixed-width table (what ``frugalseg profile`` prints)."""
+    """The profile as a fixed-width table (what ``frugalseg profile`` prints); with a baseline (``--against``) two
+    more columns: step and evaluation speed-up over it."""
+    against = "against" in result
     head = (f"{'method':<14} {'config':<11} {'patch':<12} {'batch':>5} {'prec':>4} {'s/step':>7} {'samples/s':>9} "
             f"{'data %':>6} {'GFLOP/s':>8} {'% peak':>6} {'RSS MB':>7} {'eval vol/s':>10}")
+    if against:
+        head += f" {'x step':>6} {'x eval':>6}"
     lines = [head, "-" * len(head)]
     for r in result["runs"]:
-        lines.append(
+        line = (
             f"{r['method']:<14} {r['config']:<11} {'x'.join(map(str, r['patch'])):<12} {r['batch']:>5} "
             f"{r.get('precision', 'fp32'):>4} {r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.1f} "
             f"{100 * r['data_fraction']:>6.1f} {r['achieved_flops'] / 1e9:>8.0f} {100 * r['fraction_of_peak']:>6.0f} "
             f"{r['peak_rss_mb']:>7.0f} {r.get('eval_volumes_per_second', float('nan')):>10.2f}")
+        if against:
+            line += "".join(f" {r[k]:>6.2f}" if k in r else f" {'-':>6}" for k in ("speedup", "eval_speedup"))
+        lines.append(line)
     p = result["peak"]
     if result.get("set"):
         lines.append("--set " + " ".join(result["set"]))
+    if against:
+        a = result["against"]
+        lines.append(f"x step, x eval: speed-up over {a['file']}" + (f" (--set {' '.join(a['set'])})" if a["set"]
+                                                                       else "") + "; - = not in it")
     lines.append("")
     lines.append(
         f"peak (3x3 conv, channels-last, {result['threads']} threads): "
