@@ -180,7 +180,9 @@ def test_profile_against_an_earlier_profile_gives_the_speedup_per_method_and_con
     assert line2d.split()[-2:] == ["3.20", "2.50"] and line3d.split()[-2:] == ["-", "-"]
     assert "--set train.compile=false" in ok.output
     calls.clear()
-    for content in ("{not json", json.dumps({"runs": [{"method": "x"}]}), json.dumps([1, 2])):
+    for content in ("{not json", json.dumps({"runs": [{"method": "x"}]}), json.dumps([1, 2]),
+                    json.dumps({"runs": [{"method": "supervised", "config": "default-2d", "seconds_per_step": 1,
+                                          "eval_volumes_per_second": "fast"}]})):
         before.write_text(content)
         bad = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(before)])
         assert bad.exit_code == 2 and "--against" in bad.output and "not a profile" in bad.output

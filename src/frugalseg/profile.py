@@ -186,7 +186,8 @@ def read_baseline(path: Path) -> dict:
         runs = data["runs"]
         for r in runs:
             if not (isinstance(r["method"], str) and isinstance(r["config"], str)
-                    and float(r["seconds_per_step"]) > 0):
+                    and 0 < float(r["seconds_per_step"]) < math.inf
+                    and 0 <= float(r.get("eval_volumes_per_second") or 0) < math.inf):
                 raise ValueError
     except OSError as exc:
         raise UserError(f"--against {path}: cannot read ({exc.strerror or exc})") from None
