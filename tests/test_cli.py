@@ -235,3 +235,37 @@ def test_every_help_page_shows_flags_as_flags():
         result = CliRunner().invoke(app, ([name] if name else []) + ["--help"], env={"COLUMNS": "160"})
         assert result.exit_code == 0, (name, result.output)
         assert "--help" in result.output and "<bool>" not in result.output, (name, result.output)
+
+
+def test_a_sigterm_that_lands_in_a_finaliser_still_stops_the_command_in_one_line(capsys):
+    """Python swallows an exception raised in a finaliser or weakref callback (prints it and goes on): a SIGTERM
+    whose handler runs there must not be lost - it is delivered again, and the command stops cleanly."""
+    import signal as sig
+
+    import typer
+
+    from frugalseg import cli
+
+    class DiesUnderSigterm:
+        def __del__(self):
+            cli._terminated(sig.SIGTERM, None)  # as if the signal arrived while this finaliser ran
+
+    @cli._guard
+    def train():
+        import time
+
+        DiesUnderSigterm()  # collected at once: its finaliser gets the "signal"
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 5:  # the work goes on: the signal, sent again, must stop it
+            sum(range(10))
+        return "finished"
+
+    before = sig.getsignal(sig.SIGTERM)
+    try:
+        with pytest.raises(typer.Exit) as stopped:
+            train()
+    finally:
+        sig.signal(sig.SIGTERM, before)
+    assert stopped.value.exit_code == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err and "Exception ignored" not in err

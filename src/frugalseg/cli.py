@@ -65,6 +65,25 @@ def _terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _redeliver_termination(default_hook):
+    """An ``sys.unraisablehook`` for :class:`Terminated`: a SIGTERM whose handler ran inside a finaliser or a weakref
+    callback (where Python prints the exception and carries on) is sent again, silently, from a helper thread once
+    the hook has returned (sent from inside it, its handler would run in the hook and be swallowed as well) instead
+    of being lost with a traceback on the terminal; anything else goes to ``default_hook``."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, Terminated):
+            import os
+            import threading
+
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        default_hook(unraisable)
+
+    hook.redelivers_termination = True
+    return hook
+
+
 def _guard(fn):
     """Turn user errors, I/O errors and Ctrl-C into one line and an exit code."""
 
@@ -74,6 +93,9 @@ def _guard(fn):
             signal.signal(signal.SIGTERM, _terminated)
         except ValueError:  # not the main thread (e.g. called from a test runner thread)
             pass
+        else:
+            if not getattr(sys.unraisablehook, "redelivers_termination", False):
+                sys.unraisablehook = _redeliver_termination(sys.unraisablehook)
         try:
             return fn(*args, **kwargs)
         except Terminated:
