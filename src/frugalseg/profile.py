@@ -184,6 +184,8 @@ def read_baseline(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
         runs = data["runs"]
+        if not all(isinstance(x, str) for x in data.get("set") or []):
+            raise ValueError
         for r in runs:
             if not (isinstance(r["method"], str) and isinstance(r["config"], str)
                     and 0 < float(r["seconds_per_step"]) < math.inf
