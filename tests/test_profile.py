@@ -183,7 +183,7 @@ def test_profile_against_an_earlier_profile_gives_the_speedup_per_method_and_con
     for content in ("{not json", json.dumps({"runs": [{"method": "x"}]}), json.dumps([1, 2]),
                     json.dumps({"runs": [{"method": "supervised", "config": "default-2d", "seconds_per_step": 1,
                                           "eval_volumes_per_second": "fast"}]}),
-                    json.dumps({"set": [3], "runs": []})):
+                    json.dumps({"set": [3], "runs": []}), json.dumps({"set": "abc", "runs": []})):
         before.write_text(content)
         bad = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(before)])
         assert bad.exit_code == 2 and "--against" in bad.output and "not a profile" in bad.output

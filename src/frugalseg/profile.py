@@ -184,7 +184,8 @@ def read_baseline(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
         runs = data["runs"]
-        if not all(isinstance(x, str) for x in data.get("set") or []):
+        sets = data.get("set") or []
+        if not (isinstance(sets, list) and all(isinstance(x, str) for x in sets)):
             raise ValueError
         for r in runs:
             if not (isinstance(r["method"], str) and isinstance(r["config"], str)
