@@ -191,3 +191,34 @@ def test_profile_against_an_earlier_profile_gives_the_speedup_per_method_and_con
     missing = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(tmp_path / "no.json")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
     assert calls == []  # refused before anything was profiled
+
+
+def test_the_bf16_roof_is_measured_only_where_a_row_runs_bf16_or_the_hardware_has_it(monkeypatch):
+    """On a CPU without bf16 instructions an emulated bf16 3-D convolution can take minutes on one core: a profile
+    of fp32 rows does not measure it, and says so on its last line."""
+    calls = []
+    monkeypatch.setattr(prof, "conv_throughput", lambda shape, out, dtype, repeats=5: calls.append(dtype) or 1e11)
+    peak = prof.measure_peak(("fp32",))
+    assert calls == [torch.float32, torch.float32] and "conv2d_bf16_flops" not in peak
+    assert prof.peak_precisions([{"precision": "fp32"}], native=False) == ("fp32",)
+    assert prof.peak_precisions([{"precision": "bf16"}], native=False) == ("fp32", "bf16")
+    assert prof.peak_precisions([{"precision": "fp32"}], native=True) == ("fp32", "bf16")
+
+    asked = []
+
+    def fake(fn, *args):
+        if fn is prof._peak_job:
+            asked.append(args[1])
+            return {"conv2d_fp32_flops": 2e11, "conv3d_fp32_flops": 1e11, "peak_flops": 2e11, "native_bf16": False}
+        dims = args[0]
+        return {"config": f"default-{dims}d", "method": args[1], "patch": [8] * dims, "batch": 2,
+                "precision": "fp32", "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0,
+                "data_fraction": 0.05, "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(prof, "_in_fresh_process", fake)
+    monkeypatch.setattr(prof, "native_bf16", lambda: False)
+    result = prof.profile_all(methods=["supervised"])
+    assert asked == [("fp32",)]
+    assert [r["fraction_of_peak"] for r in result["runs"]] == [pytest.approx(0.5), pytest.approx(1.0)]
+    last = prof.format_table(result).splitlines()[-1]
+    assert "bf16 -" in last and "bf16 not measured" in last and "2-D fp32 200" in last and "3-D fp32 100" in last
