@@ -137,3 +137,53 @@ def test_a_foreign_file_gives_one_error_and_no_library_warning(tmp_path):
         with pytest.raises(UserError, match="not a loadable PyTorch checkpoint"):
             load_pretrained(UNet(2, 1, 2, (4, 8)), path)
     assert caught == []
+
+
+def test_batchnorm_folds_into_the_convolution_by_hand():
+    import torch.nn as nn
+
+    from frugalseg.nn.fold import fold_batchnorm
+
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    conv.weight.data.fill_(2.0)
+    bn = nn.BatchNorm2d(1, eps=0.0)
+    bn.running_mean.fill_(1.0)
+    bn.running_var.fill_(4.0)
+    bn.weight.data.fill_(3.0)
+    bn.bias.data.fill_(5.0)
+    seq = nn.Sequential(conv, bn, nn.LeakyReLU(0.01))
+    with pytest.raises(ValueError, match="training mode"):
+        fold_batchnorm(seq)
+    assert fold_batchnorm(seq.eval()) == 1
+    assert isinstance(seq[1], nn.Identity)
+    # 3 * (2x - 1) / sqrt(4) + 5 = 3x + 3.5
+    assert seq[0].weight.item() == pytest.approx(3.0) and seq[0].bias.item() == pytest.approx(3.5)
+    x = torch.tensor([[[[-2.0, 0.0, 1.0]]]])
+    torch.testing.assert_close(seq(x), torch.tensor([[[[-0.025, 3.5, 6.5]]]]))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_folded_unet_predicts_what_it_did_and_keeps_no_batchnorm(dims):
+    import torch.nn as nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from frugalseg.nn.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = UNet(dims, 1, 3, (4, 8, 16), norm="batch")
+    for m in net.modules():  # statistics and affine parameters far from the identity
+        if isinstance(m, _BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    net.eval()
+    x = torch.randn(2, 1, *([12] * dims))
+    want = net(x)
+    n_bn = sum(isinstance(m, _BatchNorm) for m in net.modules())
+    assert n_bn > 0 and fold_batchnorm(net) == n_bn
+    assert not any(isinstance(m, _BatchNorm) for m in net.modules())
+    torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-4)
+    inorm = UNet(dims, 1, 3, (4, 8, 16), norm="instance").eval()
+    assert fold_batchnorm(inorm) == 0  # nothing else is touched
+    assert not any(isinstance(m, nn.Identity) for m in inorm.modules())

@@ -16,6 +16,7 @@ from frugalseg.data.preprocess import Preprocessor
 from frugalseg.data.volume import Volume, slice_axis
 from frugalseg.errors import UserError
 from frugalseg.files import load_checkpoint
+from frugalseg.nn.fold import fold_batchnorm
 
 MODEL_FILE = "model.pt"
 
@@ -66,6 +67,7 @@ def load_model(run_dir: Path, device: torch.device | None = None) -> TrainedMode
 
         device = pick_device()
     net.to(device).eval()
+    fold_batchnorm(net)  # inference only: one memory-bound pass fewer per convolution, same outputs
     return TrainedModel(net, cfg, list(meta["class_names"]), int(meta["in_channels"]), device, meta.get("spacing"))
 
 
