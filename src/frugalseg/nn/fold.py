@@ -23,8 +23,9 @@ def fold_batchnorm(module: nn.Module) -> int:
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             conv, bn = seq[i], seq[i + 1]
-            if (isinstance(conv, _CONVS) and isinstance(bn, _BatchNorm) and bn.running_mean is not None
-                    and bn.running_var is not None and bn.num_features == conv.out_channels):
+            if (isinstance(conv, _CONVS) and isinstance(bn, _BatchNorm) and not bn.training
+                    and bn.running_mean is not None and bn.running_var is not None
+                    and bn.num_features == conv.out_channels):
                 seq[i] = fuse_conv_bn_eval(conv, bn)
                 seq[i + 1] = nn.Identity()
                 folded += 1
