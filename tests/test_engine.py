@@ -165,6 +165,9 @@ def test_validation_along_the_way_is_logged_changes_nothing_and_keeps_the_best(p
     kept = json.loads((tmp_path / "best" / "run.json").read_text())["kept"]
     assert kept == {"step": best["step"], "val_dice": pytest.approx(best["val_dice"])}
     model = load_model(tmp_path / "best", torch.device("cpu"))
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    assert not any(isinstance(m, _BatchNorm) for m in model.net.modules())  # folded for inference, same score below
     from frugalseg.data.readers import open_source
     from frugalseg.eval.evaluate import validator
 
