@@ -187,3 +187,34 @@ def test_a_folded_unet_predicts_what_it_did_and_keeps_no_batchnorm(dims):
     inorm = UNet(dims, 1, 3, (4, 8, 16), norm="instance").eval()
     assert fold_batchnorm(inorm) == 0  # nothing else is touched
     assert not any(isinstance(m, nn.Identity) for m in inorm.modules())
+
+
+@pytest.mark.parametrize("dims, size", [(2, (48, 16)), (3, (16, 24, 16))])
+def test_thin_strided_convolutions_run_in_fp32_under_cpu_bf16(dims, size):
+    # CPU bf16 kernels give wrong values for a stride-2 convolution of an input 1-2 voxels thin (AMX CPUs,
+    # frugalseg.nn.strided): the U-Net's downsamplings convolve such inputs in fp32, every other one in bf16
+    torch.manual_seed(0)
+    net = UNet(dims, 1, 2, (4, 8, 16, 32, 64), norm="batch")
+    dtypes = {}
+    for i in range(1, 5):
+        net.encoder[i][0].register_forward_hook(lambda m, a, out, i=i: dtypes.__setitem__(i, (a[0].shape, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 1, *size))
+    assert min(dtypes[4][0][2:]) == 2  # the deepest downsampling sees a 2-voxel-thin input
+    assert dtypes[4][1] == torch.float32
+    assert [dtypes[i][1] for i in (1, 2, 3)] == [torch.bfloat16] * 3
+    assert net(torch.randn(2, 1, *size)).dtype == torch.float32  # outside autocast nothing changes
+
+
+def test_a_thin_strided_convolution_under_bf16_matches_fp32():
+    # the shape that was wrong in every call on an AMX CPU (2 x 3 x 2 input, 128 -> 256 channels, stride 2)
+    from frugalseg.nn.strided import StridedConv3d
+
+    torch.manual_seed(0)
+    conv = StridedConv3d(128, 256, 3, stride=2, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(4, 128, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d)
+    want = conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from frugalseg.nn.strided import strided_conv
+
 NEGATIVE_SLOPE = 0.01  # LeakyReLU slope, as in nnU-Net
 
 
@@ -27,8 +29,9 @@ class ConvBlock(nn.Sequential):
     def __init__(self, dims: int, cin: int, cout: int, stride: int = 1, norm: str = "instance",
                  dropout: float = 0.0) -> None:
         conv = _conv(dims)
+        first = strided_conv(dims) if stride > 1 else conv  # safe under CPU bf16 (frugalseg.nn.strided)
         layers: list[nn.Module] = [
-            conv(cin, cout, 3, stride=stride, padding=1, bias=False), _norm(norm, dims, cout),
+            first(cin, cout, 3, stride=stride, padding=1, bias=False), _norm(norm, dims, cout),
             nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
         ]
         if dropout > 0:
