@@ -222,3 +222,31 @@ def test_the_bf16_roof_is_measured_only_where_a_row_runs_bf16_or_the_hardware_ha
     assert [r["fraction_of_peak"] for r in result["runs"]] == [pytest.approx(0.5), pytest.approx(1.0)]
     last = prof.format_table(result).splitlines()[-1]
     assert "bf16 -" in last and "bf16 not measured" in last and "2-D fp32 200" in last and "3-D fp32 100" in last
+
+
+def test_a_config_that_fails_is_one_row_and_the_rest_is_still_profiled(tmp_path, monkeypatch):
+    from frugalseg.errors import UserError
+
+    fake_peak = {"conv2d_fp32_flops": 2e11, "conv3d_fp32_flops": 2e11, "peak_flops": 2e11, "native_bf16": False}
+
+    def fake_run(dims, method, steps, warmup, sets, threads):
+        if dims == 3:
+            raise UserError("training diverged: loss is nan at step 2; lower optim.lr or check the input normalisation")
+        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "precision": "fp32",
+                "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0, "data_fraction": 0.05,
+                "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(prof, "_in_fresh_process", lambda fn, *a: fake_peak if fn is prof._peak_job else fake_run(*a))
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(out.read_text())["runs"]
+    assert runs[0]["fraction_of_peak"] == pytest.approx(0.5)
+    assert runs[1] == {"config": "default-3d", "method": "supervised",
+                       "error": "training diverged: loss is nan at step 2; lower optim.lr or check the input "
+                                "normalisation"}
+    assert "default-3d  failed: training diverged: loss is nan at step 2" in result.output
+    # a profile with a failed row is still a baseline: its measured rows get a speed-up, the failed one none
+    again = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "  1.00      -" in again.output

@@ -170,6 +170,7 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
     the peak is against the peak of the precision it ran in and of its dimensionality.
     """
     from frugalseg.engine.repro import set_threads
+    from frugalseg.errors import UserError
     from frugalseg.registry import METHODS, method_spec
 
     threads = set_threads(0)
@@ -180,12 +181,19 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
                 continue
             if progress is not None:
                 progress(f"profiling {method} {d}-D")
-            runs.append(_in_fresh_process(profile_config, d, method, steps, 2, sets, threads))
+            try:
+                runs.append(_in_fresh_process(profile_config, d, method, steps, 2, sets, threads))
+            except UserError as exc:  # e.g. a diverged step: the row says so, the other rows are still measured
+                runs.append({"config": f"default-{d}d", "method": method, "error": str(exc)})
+                if progress is not None:
+                    progress(f"  {method} {d}-D failed: {exc}")
             run_dims.append(d)
     if progress is not None:
         progress("measuring the convolution peak")
     peak = _in_fresh_process(_peak_job, threads, peak_precisions(runs, native_bf16()))
     for row, d in zip(runs, run_dims):
+        if "error" in row:
+            continue
         roof = peak.get(f"conv{d}d_{row.get('precision', 'fp32')}_flops", peak["peak_flops"])
         row["fraction_of_peak"] = row["achieved_flops"] / roof
     return {"threads": threads, "torch": torch.__version__, "set": list(sets or []), "peak": peak, "runs": runs}
@@ -204,6 +212,8 @@ def read_baseline(path: Path) -> dict:
         if not (isinstance(sets, list) and all(isinstance(x, str) for x in sets)):
             raise ValueError
         for r in runs:
+            if "error" in r and isinstance(r["method"], str) and isinstance(r["config"], str):
+                continue  # a row that failed in that profile
             if not (isinstance(r["method"], str) and isinstance(r["config"], str)
                     and 0 < float(r["seconds_per_step"]) < math.inf
                     and 0 <= float(r.get("eval_volumes_per_second") or 0) < math.inf):
@@ -219,12 +229,12 @@ def compare(result: dict, baseline: dict, name: str) -> dict:
     """``result`` with, on every row the ``baseline`` profile also has (same method and config), ``speedup`` (the
     baseline's seconds per step over this one's) and ``eval_speedup`` (this one's evaluation volumes/s over the
     baseline's, where both were measured)."""
-    before = {(r["method"], r["config"]): r for r in baseline["runs"]}
+    before = {(r["method"], r["config"]): r for r in baseline["runs"] if "error" not in r}
     runs = []
     for r in result["runs"]:
         r = dict(r)
         b = before.get((r["method"], r["config"]))
-        if b is not None:
+        if b is not None and "error" not in r:
             r["speedup"] = float(b["seconds_per_step"]) / r["seconds_per_step"]
             ev, ev_b = r.get("eval_volumes_per_second"), b.get("eval_volumes_per_second")
             if ev and ev_b:
@@ -243,6 +253,9 @@ def format_table(result: dict) -> str:
         head += f" {'x step':>6} {'x eval':>6}"
     lines = [head, "-" * len(head)]
     for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"{r['method']:<14} {r['config']:<11} failed: {r['error']}")
+            continue
         line = (
             f"{r['method']:<14} {r['config']:<11} {'x'.join(map(str, r['patch'])):<12} {r['batch']:>5} "
             f"{r.get('precision', 'fp32'):>4} {r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.1f} "
