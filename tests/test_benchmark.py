@@ -167,8 +167,11 @@ def test_report_delta_is_paired_by_seed():
     rows = [{"recipe": r, "labelled": 1, "seed": s, "split": "val", "mean_dice": d, "dice_a": d, "mean_hd95": 1.0,
              "train_seconds": 100.0 + 20 * s, "pretrain_seconds": 0.0 if r == "random" else 300.0 + 100 * s}
             for r, s, d in [("random", 0, 0.5), ("random", 1, 0.7), ("x", 0, 0.6), ("x", 1, 0.9)]]
+    rows[1]["precision"] = "bf16"  # random's seed 1 ran in bf16, seed 0 before precision was recorded (fp32)
+    rows[2]["precision"] = rows[3]["precision"] = "bf16"
     text = bm.report_markdown(rows, "decathlon", ["bg", "a"])
-    assert "| x | 350 | 110 |" in text and "| random | 0 | 110 |" in text  # compute per seed / per cell
+    # compute per seed / per cell, and the precisions the cells ran in
+    assert "| x | 350 | 110 | bf16 |" in text and "| random | 0 | 110 | fp32, bf16 |" in text
     assert "0.600 ± 0.141" in text  # random: mean 0.6, sd (n-1) 0.1414
     diffs = np.array([0.1, 0.2])
     assert f"+{diffs.mean():.3f} ± {diffs.std(ddof=1):.3f}" in text

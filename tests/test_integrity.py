@@ -125,6 +125,25 @@ def test_resume_refuses_when_the_checkpoints_are_gone(phantoms_2d, tmp_path):
     assert _files(out) == before
 
 
+def test_a_run_resumed_on_hardware_of_another_precision_says_so_and_records_both(phantoms_2d, tmp_path,
+                                                                                monkeypatch):
+    from frugalseg import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda: False)  # started on a CPU without bf16: fp32
+    out, sets = tmp_path / "run", _sets([*SETS, "train.steps=8", "train.checkpoint_every=4"])
+    assert run("train", "--data", phantoms_2d, "--labelled", 1, "--out", out, "--quiet", "--keep-checkpoint",
+               *sets)[0] == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["precision"] == "fp32"
+    meta["status"] = "running"  # as if stopped after its last checkpoint
+    (out / "run.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(hardware, "native_bf16", lambda: True)  # resumed where bf16 runs in hardware
+    code, output = run("train", "--data", phantoms_2d, "--labelled", 1, "--out", out, "--quiet", "--resume", *sets)
+    assert code == 0, output
+    assert "the run started in fp32 and continues in bf16 on this machine" in output, output
+    assert json.loads((out / "run.json").read_text())["precision"] == "fp32, then bf16"
+
+
 def test_predict_never_overwrites_its_input(phantoms_2d, tmp_path):
     model = tmp_path / "run"
     assert _train(phantoms_2d, model)[0] == 0

@@ -414,11 +414,12 @@ def report_markdown(rows: list[dict[str, Any]], data_format: str, class_names: l
         lines += ["", "HD95 is in voxels: the data's files store no voxel spacing."]
     lines += ["", "Compute per run on this machine (seconds, mean over cells; a chain of pre-training stages is "
               "shared by every N of a seed):", "",
-              "| recipe | stages before the last | last stage |", "|---|---|---|"]
+              "| recipe | stages before the last | last stage | precision |", "|---|---|---|---|"]
     for rec in recipes:
         xs = [x for x in rows if x["recipe"] == rec]
+        ran = ", ".join(dict.fromkeys(str(x.get("precision", "fp32")) for x in xs))  # cells made before: fp32
         lines.append(f"| {rec} | {np.mean([float(x.get('pretrain_seconds') or 0.0) for x in xs]):.0f} | "
-                     f"{np.mean([float(x['train_seconds'] or 0.0) for x in xs]):.0f} |")
+                     f"{np.mean([float(x['train_seconds'] or 0.0) for x in xs]):.0f} | {ran} |")
     if data_format == "ssl4mis_h5":
         published = [_published_row(rec, PUBLISHED_ACDC[rec], ns) for rec in recipes if rec in PUBLISHED_ACDC]
         if any(is_combination(rec) for rec in recipes):

@@ -278,6 +278,11 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
 
     if req.resume and load_report is not None:
         report(f"--init {init}: {load_report.summary()} (no checkpoint yet: restarting from the initial weights)")
+    precision = resolve_precision(cfg.train.precision, device)
+    if req.resume and meta.get("precision", precision) != precision:  # train.precision=auto on other hardware
+        report(f"--resume {out}: the run started in {meta['precision']} and continues in {precision} on this "
+               f"machine (train.precision={cfg.train.precision}); run.json records both")
+        precision = f"{meta['precision']}, then {precision}"
     if not req.resume:
         dist.barrier()  # every rank has checked --out before rank 0 creates or replaces it
         if main:
@@ -285,7 +290,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
         meta = {"method": method, "labelled": labelled, "seed": seed, "data": str(source.root),
                 "unlabelled": str(req.unlabelled) if req.unlabelled is not None else None,
                 "format": source.format, "class_names": source.class_names, "in_channels": source.in_channels,
-                "init": str(init) if init else None, "status": "running", **_versions()}
+                "init": str(init) if init else None, "precision": precision, "status": "running", **_versions()}
         if main:
             save_config(cfg, out / "config.yaml")
             write_json_atomic(split, out / "split.json")
@@ -323,7 +328,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     meta["train_seconds"] = result.seconds  # across resumes (each invocation up to its last checkpoint)
     meta["threads"] = threads
     meta["device"] = str(device)
-    meta["precision"] = resolve_precision(cfg.train.precision, device)
+    meta["precision"] = precision
     write_json_atomic(meta, out / RUN_MARKER)
     if not req.keep_checkpoint:  # the full training state is no longer needed once model.pt is written
         for name in (CHECKPOINT, PREVIOUS):
