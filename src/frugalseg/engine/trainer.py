@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,10 @@ class StepRunner:
             from torch.nn.parallel import DistributedDataParallel
 
             _agree_on_strides(method)
+            # under bf16 autocast some such gradients come out in the other spelling (a 1x1x1 head's in channels-last
+            # strides): the same memory layout, so the warning - for a weight with a size-1 dimension - is dropped
+            warnings.filterwarnings("ignore", message=r"(?s)Grad strides do not match bucket view strides.*"
+                                                      r"grad\.sizes\(\) = \[([0-9]+, )*1[],]")
             # BatchNorm statistics are already global; buffers (EMA teachers, queues) are broadcast from rank 0
             self.engine = DistributedDataParallel(self.engine,
                                                   device_ids=[device.index] if device.type == "cuda" else None,
