@@ -17,8 +17,11 @@ def run_3d(phantoms_3d, tmp_path_factory):
     from frugalseg.run import train
 
     out = tmp_path_factory.mktemp("onnx") / "run"
+    # fp32: ONNX runs the fp32 weights in fp32, so PyTorch is compared in fp32 too (bf16 autocast, where the CPU
+    # multiplies bf16, would differ from it by bf16 rounding)
     train(phantoms_3d, "supervised", 1, 0, out, sets=["train.steps=2", "data.batch_size=2", "model.channels=[4,8,16]",
-                                                      "data.patch_size=[24,24,24]"], show_progress=False)
+                                                      "data.patch_size=[24,24,24]", "train.precision=fp32"],
+          show_progress=False)
     return out
 
 

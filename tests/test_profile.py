@@ -137,18 +137,23 @@ def test_precision_auto_follows_the_hardware_and_old_runs_read_as_what_they_mean
     assert config_from_dict({"train": {"bf16": False, "steps": 5}}).train.precision == "fp32"
 
 
-def test_a_run_records_its_precision_and_the_profile_row_its_roof(phantoms_2d, tmp_path):
+def test_a_run_records_its_precision_and_the_profile_row_its_roof(phantoms_2d, tmp_path, monkeypatch):
     import json
 
     from frugalseg.run import train
 
-    train(phantoms_2d, "supervised", 1, 0, tmp_path / "r", show_progress=False,
-          sets=["train.steps=1", "data.batch_size=2", "model.channels=[4,8]", "data.spatial_dims=2",
-                "data.patch_size=[32,32]"])
-    assert json.loads((tmp_path / "r" / "run.json").read_text())["precision"] == "fp32"
+    # the default precision follows the hardware: bf16 where the CPU multiplies it, fp32 elsewhere
+    for native in (False, True):
+        monkeypatch.setattr(hardware, "native_bf16", lambda native=native: native)
+        train(phantoms_2d, "supervised", 1, 0, tmp_path / f"r{native}", show_progress=False,
+              sets=["train.steps=1", "data.batch_size=2", "model.channels=[4,8]", "data.spatial_dims=2",
+                    "data.patch_size=[32,32]"])
+        ran = json.loads((tmp_path / f"r{native}" / "run.json").read_text())["precision"]
+        assert ran == ("bf16" if native else "fp32")
+    monkeypatch.undo()
     row = prof.profile_config(2, "supervised", steps=1, warmup=0,
                               sets=["data.batch_size=2", "model.channels=[4,8]", "data.patch_size=[32,32]"])
-    assert row["precision"] == "fp32" and row["eval_volumes_per_second"] > 0
+    assert row["precision"] == ("bf16" if hardware.native_bf16() else "fp32") and row["eval_volumes_per_second"] > 0
 
 
 def test_profile_against_an_earlier_profile_gives_the_speedup_per_method_and_config(tmp_path, monkeypatch):

@@ -4,9 +4,9 @@ PyTorch 2.13's CPU convolutions (oneDNN 3.12) return wrong values - non-finite o
 for a bf16 stride-2 convolution whose input has a spatial size of 1 or 2 along its last axis while another axis is
 larger, on CPUs that run bf16 on AMX tiles (measured on an Intel Xeon with AMX: a 3-D 128 -> 256 convolution of a
 2 x 3 x 2 input was wrong in 40 of 40 calls; the same call in fp32, or with AMX switched off, was right; see
-docs/results.md "bf16 on a CPU with AMX"). A U-Net meets such inputs in its deepest downsampling when a patch is
-small (PCRLv2's local views: 16 x 24 x 16 -> 2 x 3 x 2). These convolutions run on a few voxels, so computing them in
-fp32 costs nothing measurable; every other convolution keeps bf16.
+docs/results.md, "A fault in PyTorch's AMX bf16 convolutions"). A U-Net meets such inputs in its deepest
+downsampling when a patch is small (PCRLv2's local views: 16 x 24 x 16 -> 2 x 3 x 2). These convolutions run on a
+few voxels, so computing them in fp32 costs nothing measurable; every other convolution keeps bf16.
 """
 
 from __future__ import annotations
