@@ -64,6 +64,11 @@ class DataConfig:
     spacing: list[float] | None = None
     foreground_oversample: float = 0.33
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # background processes that make training batches ahead of the step using them (0: the training process
+    # makes each batch when the step asks for it); the batches are the same either way. "auto" = 1 where a core
+    # would otherwise idle (training on a GPU, or fewer training threads than cores), 0 where the training threads
+    # use every core: there a worker takes its time from the step (docs/results.md, "Background data workers")
+    workers: int | str = "auto"
 
 
 @dataclass
@@ -407,6 +412,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'train.val_every' must be 0 (off) or positive, got {cfg.train.val_every}")
     if cfg.train.keep == "best" and cfg.train.val_every == 0:
         raise UserError("config key 'train.keep': best needs validation along the way (set train.val_every)")
+    if cfg.data.workers != "auto" and (isinstance(cfg.data.workers, str) or cfg.data.workers < 0):
+        raise UserError(f"config key 'data.workers' must be auto, 0 (none) or a positive number, "
+                        f"got {cfg.data.workers!r}")
     if cfg.selfreg.weight < 0:
         raise UserError(f"config key 'selfreg.weight' must be 0 (off) or positive, got {cfg.selfreg.weight}")
     for key, value in positive.items():

@@ -104,6 +104,7 @@ class FolderLock:
     """
 
     _held: dict[Path, int] = {}  # folders this process holds (a nested run into a held folder shares the lock)
+    _fds: set[int] = set()  # their lock files' descriptors (closed in forked children: see _forget_in_child)
 
     def __init__(self, folder: Path | str, option: str = "--out") -> None:
         import fcntl
@@ -141,6 +142,7 @@ class FolderLock:
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())
         FolderLock._held[self.folder.resolve()] = 1
+        FolderLock._fds.add(self._fd)
 
     def release(self, remove_if_unused: bool = False) -> None:
         """Unlock and remove the lock file; with ``remove_if_unused``, also remove the folder if this lock created
@@ -152,6 +154,7 @@ class FolderLock:
         if self._fd < 0:
             return
         FolderLock._held.pop(self.folder.resolve(), None)
+        FolderLock._fds.discard(self._fd)
         try:
             (self.folder / LOCK_FILE).unlink()
         except FileNotFoundError:
@@ -161,8 +164,24 @@ class FolderLock:
         if remove_if_unused and self.created and not any(self.folder.iterdir()):
             self.folder.rmdir()
 
+    @staticmethod
+    def _forget_in_child() -> None:
+        """A forked child (a background data worker) does not hold its parent's locks: a flock lives as long as
+        any descriptor of it, so a child outliving a killed parent would keep the folder locked."""
+        for fd in FolderLock._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        FolderLock._fds = set()
+        FolderLock._held = {}
+
     def __enter__(self) -> FolderLock:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release(remove_if_unused=exc[0] is not None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=FolderLock._forget_in_child)

@@ -80,6 +80,7 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     it) and each step is the one :func:`~frugalseg.engine.trainer.fit` runs."""
     from frugalseg.assemble import assemble
     from frugalseg.config import build_config
+    from frugalseg.data.prefetch import Prefetcher, resolve_workers
     from frugalseg.data.readers import open_source
     from frugalseg.data.splits import few_label_split, pretrain_split
     from frugalseg.data.synthetic import write_phantoms
@@ -105,21 +106,26 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     opt = build_optimizer(module.parameters(), cfg.optim)
     sched = build_scheduler(opt, warmup + steps, cfg.optim)
     flops = step_flops(module, to_device(sampler.batch(0), device, cfg.train.channels_last), precision == "bf16")
-    runner = StepRunner(module, sampler.batch, opt, sched, cfg.train, device)
+    workers = resolve_workers(cfg.data.workers, device)
+    source = Prefetcher(sampler.batch, 0, (warmup + steps) * cfg.train.accumulate, workers)
+    runner = StepRunner(module, source, opt, sched, cfg.train, device)
     module.train()
     step_times, data_times = [], []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        result = runner(i, i / (warmup + steps))
-        if i >= warmup:
-            step_times.append(time.perf_counter() - t0)
-            data_times.append(result.data_seconds)
+    try:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            result = runner(i, i / (warmup + steps))
+            if i >= warmup:
+                step_times.append(time.perf_counter() - t0)
+                data_times.append(result.data_seconds)
+    finally:
+        source.close()
     med = statistics.median(step_times)
     return {
         "config": f"default-{spatial_dims}d", "method": method, "patch": list(cfg.data.patch_size),
         "batch": cfg.data.batch_size, "precision": precision, "channels_last": cfg.train.channels_last,
         "seconds_per_step": med, "samples_per_second": cfg.data.batch_size / med,
-        "data_fraction": sum(data_times) / sum(step_times),
+        "data_fraction": sum(data_times) / sum(step_times), "data_workers": workers,
         "flops_per_step": flops, "achieved_flops": flops / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "eval_volumes_per_second": eval_throughput(module.net, cfg, volumes, src.class_names, device),
@@ -267,6 +273,10 @@ def format_table(result: dict) -> str:
     p = result["peak"]
     if result.get("set"):
         lines.append("--set " + " ".join(result["set"]))
+    workers = sorted({r.get("data_workers", 0) for r in result["runs"] if "error" not in r})
+    if any(workers):
+        lines.append(f"data %: waiting for batches made ahead by background workers (data.workers = "
+                     f"{', '.join(map(str, workers))})")
     if against:
         a = result["against"]
         lines.append(f"x step, x eval: speed-up over {a['file']}" + (f" (--set {' '.join(a['set'])})" if a["set"]

@@ -257,6 +257,7 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> tuple[str, Any, Any
 
 def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_progress, report) -> dict[str, Any]:
     from frugalseg.assemble import assemble
+    from frugalseg.data.prefetch import resolve_workers
     from frugalseg.engine import distributed as dist
     from frugalseg.engine.optim import build_optimizer, build_scheduler
     from frugalseg.engine.repro import seed_everything, set_threads
@@ -307,9 +308,10 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
         from frugalseg.eval.evaluate import validator
 
         validate = validator(module.net, cfg, source, device)
+    workers = resolve_workers(cfg.data.workers, device)
     result = fit(module, stage.sampler.batch, optimizer, scheduler, cfg.train, out, device, resume=req.resume,
                  show_progress=show_progress, description=f"{method} {what} seed={seed}", notify=report,
-                 validate=validate)
+                 validate=validate, workers=workers)
     summary = {"run_dir": str(out), "steps": result.steps, "seconds": 0.0, "final_loss": result.last_loss,
                "labelled_cases": split["labelled_cases"]}
     if not main:
@@ -327,6 +329,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     meta["status"] = "finished"
     meta["train_seconds"] = result.seconds  # across resumes (each invocation up to its last checkpoint)
     meta["threads"] = threads
+    meta["data_workers"] = workers
     meta["device"] = str(device)
     meta["precision"] = precision
     write_json_atomic(meta, out / RUN_MARKER)

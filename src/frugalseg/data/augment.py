@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +75,18 @@ def apply_spatial(
     return out_img, out_lab
 
 
+def sample_mean(image: torch.Tensor) -> torch.Tensor:
+    """The mean of each sample of ``(B, ...)``, shaped ``(B,)``: summed in float64 by numpy, in one thread.
+
+    A multi-threaded float32 mean splits a sample between threads when there are fewer samples than threads, and
+    its last bits then depend on the thread count; a batch must come out the same in a background worker (one
+    thread) as in the training process (``data.workers``)."""
+    if image.device.type != "cpu":
+        return image.reshape(image.shape[0], -1).mean(1)
+    flat = image.detach().reshape(image.shape[0], -1).numpy()
+    return torch.from_numpy(flat.mean(1, dtype=np.float64)).to(image.dtype)
+
+
 def draw_intensity(batch: int, cfg: AugmentConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(batch, generator=gen)
@@ -92,7 +105,7 @@ def apply_intensity(image: torch.Tensor, params: dict[str, torch.Tensor], gen: t
     b = image.shape[0]
     shape = (b,) + (1,) * (image.dim() - 1)
     flat = image.reshape(b, -1)
-    mean = flat.mean(1).view(shape)
+    mean = sample_mean(image).view(shape)
     image = (image - mean) * params["contrast"].view(shape) + mean
     lo, hi = flat.amin(1).view(shape), flat.amax(1).view(shape)
     rng = (hi - lo).clamp_min(1e-6)
@@ -125,17 +138,21 @@ def apply_strong(image: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.
     shape = (b,) + (1,) * (image.dim() - 1)
     lo = image.reshape(b, -1).amin(1).view(shape)
     image = (image - lo) * params["brightness"].view(shape) + lo
-    mean = image.reshape(b, -1).mean(1).view(shape)
+    mean = sample_mean(image).view(shape)
     image = (image - mean) * params["contrast"].view(shape) + mean
     return gaussian_blur(image, params["sigma"])
 
 
 def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of ``(B, C, *S)`` with one sigma (pixels) per sample; sigma 0 leaves a sample
-    unchanged. Borders replicate."""
+    unchanged. Borders replicate.
+
+    Written as a weighted sum of shifted copies (one multiply and one add per tap, in a fixed order) rather than as
+    a convolution: oneDNN's grouped convolution rounds differently with another number of threads, and a batch
+    must come out the same in a background worker (one thread) as in the training process (data.workers)."""
     if not bool((sigma > 0).any()):
         return image
-    b, c = image.shape[:2]
+    b = image.shape[0]
     dims = image.dim() - 2
     radius = max(1, int(math.ceil(2 * float(sigma.max()))))
     x = torch.arange(-radius, radius + 1, dtype=image.dtype)
@@ -143,13 +160,16 @@ def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     kernel = torch.exp(-x[None] ** 2 / (2 * safe**2))
     kernel = torch.where((sigma > 0)[:, None], kernel, (x[None] == 0).to(image.dtype))  # identity when sigma 0
     kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K)
-    weights = kernel.repeat_interleave(c, 0)  # (B*C, K)
-    out = image.reshape(1, b * c, *image.shape[2:])
-    conv = F.conv2d if dims == 2 else F.conv3d
+    taps = kernel.view(b, -1, *([1] * (dims + 1)))  # (B, K, 1, ...): tap k of sample b, broadcast over C and S
+    out = image
     for d in range(dims):
-        pad = [0, 0] * dims
-        pad[2 * (dims - 1 - d)] = pad[2 * (dims - 1 - d) + 1] = radius
-        shape = [b * c, 1] + [1] * dims
-        shape[2 + d] = 2 * radius + 1
-        out = conv(F.pad(out, pad, mode="replicate"), weights.view(shape), groups=b * c)
-    return out.reshape(image.shape)
+        axis = 2 + d
+        n = out.shape[axis]
+        lo = out.narrow(axis, 0, 1).expand(*out.shape[:axis], radius, *out.shape[axis + 1:])
+        hi = out.narrow(axis, n - 1, 1).expand(*out.shape[:axis], radius, *out.shape[axis + 1:])
+        padded = torch.cat([lo, out, hi], dim=axis)
+        acc = padded.narrow(axis, 0, n) * taps[:, 0]
+        for k in range(1, 2 * radius + 1):
+            acc = acc + padded.narrow(axis, k, n) * taps[:, k]
+        out = acc
+    return out.contiguous()

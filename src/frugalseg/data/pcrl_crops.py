@@ -6,13 +6,13 @@ Works on 2-D slices and 3-D volumes alike: boxes are ``(D, 2)`` integer ``[start
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from frugalseg.data.augment import gaussian_blur
 from frugalseg.data.sampling import as_training_arrays
 from frugalseg.data.volume import Volume
 from frugalseg.errors import Incompatible
@@ -65,22 +65,10 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of one view ``(C, *S)``, replicated borders; none under sigma 0.1."""
     if sigma < 0.1:
         return x
-    r = max(1, int(math.ceil(2 * sigma)))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma * sigma))
-    k = k / k.sum()
-    dims = x.dim() - 1
-    out = x[None]
-    for d in range(dims):  # separable Gaussian, reflect-free: replicate borders
-        shape = [1, 1] + [1] * dims
-        shape[2 + d] = len(k)
-        conv = F.conv2d if dims == 2 else F.conv3d
-        pad = [0, 0] * dims
-        pad[2 * (dims - 1 - d)] = pad[2 * (dims - 1 - d) + 1] = r
-        c = out.shape[1]
-        out = conv(F.pad(out, pad, mode="replicate"), k.view(shape).expand(c, 1, *shape[2:]), groups=c)
-    return out[0]
+    return gaussian_blur(x[None], torch.tensor([sigma]))[0]
 
 
 def swap_patches(x: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -109,7 +97,10 @@ def corrupt(view: torch.Tensor, rng: np.random.Generator, swap: bool) -> torch.T
         size = [max(1, s // 8) for s in spatial]
         starts = rng.integers(0, [s - q + 1 for s, q in zip(spatial, size)], size=(100, 2, len(spatial)))
         x = torch.from_numpy(swap_patches(x.numpy(), starts, size))
-    return (x - x.mean()) / x.std().clamp_min(1e-6)
+    # mean and sd in one thread (numpy): a multi-threaded reduction's last bits depend on the thread count, and a
+    # batch must not depend on the process that makes it (data.workers)
+    a = x.numpy().astype(np.float64)
+    return (x - float(a.mean())) / max(float(a.std(ddof=1)), 1e-6)
 
 
 class SubCropSampler:

@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from frugalseg.config import TrainConfig
+from frugalseg.data.prefetch import Prefetcher
 from frugalseg.engine import distributed as dist
 from frugalseg.engine.tracking import RunLog
 from frugalseg.errors import UserError
@@ -215,6 +216,7 @@ def fit(
     description: str = "train",
     notify: Callable[[str], None] | None = None,
     validate: Callable[[], dict[str, float]] | None = None,
+    workers: int = 0,
 ) -> FitResult:
     """Train ``method`` for ``cfg.steps`` optimiser steps; ``batches(i)`` gives the i-th micro-batch.
 
@@ -226,6 +228,9 @@ def fit(
     ``val_every`` steps and at the end; its values are logged at that step and, with ``cfg.keep == "best"``, the
     network's weights at the best ``val_dice`` are kept in ``run_dir/best.pt``. Time spent validating is not
     counted as training time.
+
+    With ``workers`` > 0 that many background processes make the batches ahead of their step
+    (:class:`~frugalseg.data.prefetch.Prefetcher`); the batches, hence the run, are the same.
 
     Under ``torchrun`` (see :mod:`frugalseg.engine.distributed`) each rank trains on its shard of the same global
     batch inside DistributedDataParallel; rank 0 alone logs, shows progress, validates and writes checkpoints.
@@ -251,8 +256,14 @@ def fit(
         best = float(state.get("best_val", -math.inf))
     main = dist.is_main()
     log = RunLog(run_dir, resume_step=start if resume else None) if main else _NoLog()
-    runner = StepRunner(method, batches, optimizer, scheduler, cfg, device, notify)
-    total, t0, data_time, last_loss = cfg.steps, time.perf_counter(), 0.0, float("nan")
+    total = cfg.steps
+    source = Prefetcher(batches, start * cfg.accumulate, total * cfg.accumulate, workers, notify=notify)
+    try:
+        runner = StepRunner(method, source, optimizer, scheduler, cfg, device, notify)
+    except BaseException:
+        source.close()
+        raise
+    t0, data_time, last_loss = time.perf_counter(), 0.0, float("nan")
     val_time = 0.0  # seconds spent validating (not training)
     validating = validate is not None and cfg.val_every > 0 and main
     window: dict[str, float] = {}
@@ -301,6 +312,7 @@ def fit(
                              "step": done, "seconds": before + time.perf_counter() - t0 - val_time,
                              "best_val": best}, ckpt_path)
     finally:
+        source.close()
         bar.close()
         log.close()
     dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on
