@@ -208,13 +208,48 @@ def test_thin_strided_convolutions_run_in_fp32_under_cpu_bf16(dims, size):
 
 def test_a_thin_strided_convolution_under_bf16_matches_fp32():
     # the shape that was wrong in every call on an AMX CPU (2 x 3 x 2 input, 128 -> 256 channels, stride 2)
-    from frugalseg.nn.strided import StridedConv3d
+    from frugalseg.nn.strided import ThinSafeConv3d
 
     torch.manual_seed(0)
-    conv = StridedConv3d(128, 256, 3, stride=2, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
+    conv = ThinSafeConv3d(128, 256, 3, stride=2, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
     x = torch.randn(4, 128, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d)
     want = conv(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = conv(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+def test_a_thin_stride_1_convolution_under_bf16_has_the_fp32_weight_gradient():
+    # the call whose bf16 weight gradient was wrong in 20 of 20 calls on a Zen 5 CPU (AVX512-BF16, no AMX): a
+    # stride-1 3-D 256 -> 256 convolution of a 2 x 3 x 2 input, the default 3-D U-Net's deepest level
+    from frugalseg.nn.strided import ThinSafeConv3d
+
+    torch.manual_seed(0)
+    conv = ThinSafeConv3d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 256, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d)
+    grad_out = torch.randn(2, 256, 2, 3, 2)
+    conv(x).backward(grad_out)
+    want = conv.weight.grad.clone()
+    conv.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.float32
+    out.backward(grad_out)
+    torch.testing.assert_close(conv.weight.grad, want)
+
+
+@pytest.mark.parametrize("dims, size", [(2, (48, 16)), (3, (32, 48, 32))])
+def test_every_convolution_of_the_deepest_thin_level_runs_in_fp32_under_cpu_bf16(dims, size):
+    torch.manual_seed(0)
+    net = UNet(dims, 1, 2, (4, 8, 16, 32, 64), norm="batch")
+    dtypes = {}
+    for i in range(5):
+        for j in (0, 3):  # the block's two convolutions
+            net.encoder[i][j].register_forward_hook(
+                lambda m, a, out, key=(i, j): dtypes.__setitem__(key, (min(a[0].shape[2:]), out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 1, *size))
+    assert dtypes[(4, 3)][0] <= 2  # the default 3-D patch reaches a 2-voxel-thin input at the deepest level
+    for key, (thinnest, dtype) in dtypes.items():
+        assert dtype == (torch.float32 if thinnest <= 2 else torch.bfloat16), key

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from frugalseg.nn.strided import thin_safe_conv
 from frugalseg.nn.unet import match_size
 
 WIDTHS = ((32, 64), (64, 128), (128, 256), (256, 512))  # (inner, output) width of each encoder level
@@ -28,7 +29,7 @@ class LUConv(nn.Module):
 
     def __init__(self, dims: int, cin: int, cout: int) -> None:
         super().__init__()
-        self.conv1 = (nn.Conv2d if dims == 2 else nn.Conv3d)(cin, cout, 3, padding=1)
+        self.conv1 = thin_safe_conv(dims)(cin, cout, 3, padding=1)  # frugalseg.nn.strided
         self.bn1 = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalseg.nn.strided import StridedConv2d
+from frugalseg.nn.strided import ThinSafeConv2d
 from frugalseg.nn.unet import crop_to, pad_to_multiple
 
 RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4])\.")  # a ResNet-18 encoder key (torchvision / smp names)
@@ -27,13 +27,13 @@ DECODER = (256, 128, 64, 32, 16)
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = StridedConv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = ThinSafeConv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.conv2 = ThinSafeConv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(StridedConv2d(cin, cout, 1, stride=stride, bias=False),
+            self.downsample = nn.Sequential(ThinSafeConv2d(cin, cout, 1, stride=stride, bias=False),
                                             nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

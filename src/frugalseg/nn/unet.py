@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from frugalseg.nn.strided import strided_conv
+from frugalseg.nn.strided import thin_safe_conv
 
 NEGATIVE_SLOPE = 0.01  # LeakyReLU slope, as in nnU-Net
 
@@ -28,10 +28,9 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, dims: int, cin: int, cout: int, stride: int = 1, norm: str = "instance",
                  dropout: float = 0.0) -> None:
-        conv = _conv(dims)
-        first = strided_conv(dims) if stride > 1 else conv  # safe under CPU bf16 (frugalseg.nn.strided)
+        conv = thin_safe_conv(dims)  # thin inputs in fp32 under CPU bf16 (frugalseg.nn.strided)
         layers: list[nn.Module] = [
-            first(cin, cout, 3, stride=stride, padding=1, bias=False), _norm(norm, dims, cout),
+            conv(cin, cout, 3, stride=stride, padding=1, bias=False), _norm(norm, dims, cout),
             nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
         ]
         if dropout > 0:
