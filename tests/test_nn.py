@@ -192,7 +192,7 @@ def test_a_folded_unet_predicts_what_it_did_and_keeps_no_batchnorm(dims):
 @pytest.mark.parametrize("dims, size", [(2, (48, 16)), (3, (16, 24, 16))])
 def test_thin_strided_convolutions_run_in_fp32_under_cpu_bf16(dims, size):
     # CPU bf16 kernels give wrong values for a stride-2 convolution of an input 1-2 voxels thin (AMX CPUs,
-    # frugalseg.nn.strided): the U-Net's downsamplings convolve such inputs in fp32, every other one in bf16
+    # frugalseg.nn.strided): the U-Net's downsamplings convolve such inputs in fp32, the thicker ones in bf16
     torch.manual_seed(0)
     net = UNet(dims, 1, 2, (4, 8, 16, 32, 64), norm="batch")
     dtypes = {}
