@@ -1,6 +1,10 @@
 """The speed profile: FLOP counting against known values, the peak measurement, the table and the CLI."""
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -255,3 +259,37 @@ def test_a_config_that_fails_is_one_row_and_the_rest_is_still_profiled(tmp_path,
     again = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--against", str(out)])
     assert again.exit_code == 0, again.output
     assert "  1.00      -" in again.output
+
+
+_REUSE_PROBE = """
+import resource, sys
+import torch
+from frugalseg.hardware import keep_freed_memory
+kept = keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():  # allocate and touch 64 x 1 MiB, then free it all, as a training step does with its buffers
+    blocks = [torch.ones(1 << 18) for _ in range(64)]
+    del blocks
+step()
+before = faults()
+for _ in range(5):
+    step()
+print(int(kept), (faults() - before) / 5)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_memory_is_reused_instead_of_faulted_in_again_each_step():
+    def probe(setting: str) -> tuple[int, float]:
+        env = {**os.environ, "FRUGALSEG_MALLOC": setting}
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return int(out[0]), float(out[1])
+
+    kept, kept_faults = probe("")
+    left, left_faults = probe("default")
+    assert (kept, left) == (1, 0)
+    # glibc's defaults map 1 MiB blocks afresh and return them on free: ~16k page faults per step of 64 MiB
+    assert left_faults > 2000
+    assert kept_faults < left_faults / 5

@@ -50,6 +50,9 @@ def _version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit.", metavar="",
                                        callback=_version, is_eager=True)) -> None:
     """Label-efficient medical image segmentation."""
+    from frugalseg.hardware import keep_freed_memory
+
+    keep_freed_memory()  # every command that computes allocates the same large buffers again and again
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:

@@ -87,6 +87,7 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     from frugalseg.engine.optim import build_optimizer, build_scheduler
     from frugalseg.engine.repro import set_threads
     from frugalseg.engine.trainer import StepRunner, set_memory_format, to_device
+    from frugalseg.hardware import keep_freed_memory
     from frugalseg.methods.base import PRETRAIN
 
     set_threads(threads)
@@ -129,6 +130,7 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
         "flops_per_step": flops, "achieved_flops": flops / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "eval_volumes_per_second": eval_throughput(module.net, cfg, volumes, src.class_names, device),
+        "keeps_freed_memory": keep_freed_memory(),
     }
 
 

@@ -20,7 +20,12 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def set_threads(requested: int = 0) -> int:
-    """Use as many intra-op threads as cores this process may run on (or ``requested`` if > 0)."""
+    """Use as many intra-op threads as cores this process may run on (or ``requested`` if > 0), and keep freed
+    memory for reuse (:func:`~frugalseg.hardware.keep_freed_memory`): the settings of a process that trains or
+    profiles."""
+    from frugalseg.hardware import keep_freed_memory
+
+    keep_freed_memory()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
