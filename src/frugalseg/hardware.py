@@ -67,7 +67,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same large activation and gradient buffers every step. By default
     glibc serves blocks above a (self-adjusting) threshold with fresh ``mmap`` pages and gives freed memory at the
-    top of its heap back to the system, so each step pays again for page faults and for zeroing new pages: ~8,000
+    top of its heap back to the system, so each step pays again for page faults and for zeroing new pages: 6,100-8,200
     page faults per default 2-D step, and the step 1.1-1.2x slower (docs/results.md, "Memory the step frees").
     Here blocks up to 32 MiB come from the heap and up to 1 GiB of freed memory stays mapped, so the process's
     resident memory stays at its peak instead of shrinking between steps. Only on Linux with glibc (elsewhere,
