@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import sys
@@ -59,9 +60,9 @@ def resolve_precision(choice: str, device) -> str:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_ALLOCATOR: list[bool] = []  # whether keep_freed_memory took effect, once asked
 
 
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """Let glibc's allocator keep freed memory for the next allocation instead of returning it to the system.
 
@@ -74,15 +75,11 @@ def keep_freed_memory() -> bool:
     or with ``FRUGALSEG_MALLOC=default`` in the environment, the allocator is left as it is); returns whether the
     settings took effect. Values are unchanged: only where the memory comes from differs.
     """
-    if _ALLOCATOR:
-        return _ALLOCATOR[0]
-    ok = False
-    if sys.platform.startswith("linux") and os.environ.get("FRUGALSEG_MALLOC", "") != "default":
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            ok = (libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
-                  and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
-        except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 / no mallopt)
-            ok = False
-    _ALLOCATOR.append(ok)
-    return ok
+    if not sys.platform.startswith("linux") or os.environ.get("FRUGALSEG_MALLOC", "") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return (libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+                and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
+    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 / no mallopt)
+        return False
