@@ -1,5 +1,7 @@
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from frugalseg.errors import UserError
 from frugalseg.nn.swin import SwinUNETRNet
@@ -253,3 +255,87 @@ def test_every_convolution_of_the_deepest_thin_level_runs_in_fp32_under_cpu_bf16
     assert dtypes[(4, 3)][0] <= 2  # the default 3-D patch reaches a 2-voxel-thin input at the deepest level
     for key, (thinnest, dtype) in dtypes.items():
         assert dtype == (torch.float32 if thinnest <= 2 else torch.bfloat16), key
+
+
+@pytest.mark.parametrize("dims, shape, out_channels, kernel, stride, padding, bias", [
+    (3, (2, 5, 2, 3, 2), 7, (3, 3, 3), (1, 1, 1), (1, 1, 1), True),
+    (3, (3, 4, 4, 6, 4), 6, (3, 3, 3), (2, 2, 2), (1, 1, 1), False),
+    (3, (2, 3, 1, 2, 1), 4, (3, 3, 3), (1, 1, 1), (1, 1, 1), True),
+    (3, (2, 3, 5, 4, 6), 4, (2, 3, 1), (2, 1, 1), (0, 1, 0), True),
+    (2, (2, 5, 2, 7), 3, (3, 3), (1, 2), (1, 1), True),
+    (2, (1, 4, 3, 3), 2, (1, 1), (1, 1), (0, 0), False),
+])
+def test_a_convolution_as_one_matrix_product_equals_the_convolution(dims, shape, out_channels, kernel, stride,
+                                                                    padding, bias):
+    # float64 so that only a wrong index (not the order of the sums) can tell the two apart: output and the
+    # gradients of input, weight and bias, from a channels-last and from a contiguous input
+    from frugalseg.nn.strided import conv_as_matmul
+
+    conv = F.conv3d if dims == 3 else F.conv2d
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    torch.manual_seed(0)
+    for layout in (fmt, torch.contiguous_format):
+        x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+        w = torch.randn(out_channels, shape[1], *kernel, dtype=torch.float64).contiguous(memory_format=layout)
+        w.requires_grad_()
+        b = torch.randn(out_channels, dtype=torch.float64, requires_grad=True) if bias else None
+        want = conv(x, w, b, stride, padding)
+        got = conv_as_matmul(x, w, b, stride, padding)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        grad_out = torch.randn_like(want)
+        grads_want = torch.autograd.grad(want, [x, w] + ([b] if bias else []), grad_out)
+        grads_got = torch.autograd.grad(got, [x, w] + ([b] if bias else []), grad_out)
+        for g, h in zip(grads_got, grads_want):
+            torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
+
+
+def test_only_small_thin_convolutions_under_cpu_bf16_become_one_matrix_product(monkeypatch):
+    # the default 3-D U-Net's deepest convolution (256 -> 256, a 2 x 3 x 2 input: 48 rows, 6,912 columns) runs as a
+    # matrix product; a thin input with many voxels (12,288 rows, 432 columns) and every thick input still run
+    # PyTorch's convolution - in fp32 (autocast off) and in bf16 (autocast on) respectively
+    from frugalseg.nn.strided import ThinSafeConv3d
+
+    calls = []
+    original = nn.Conv3d._conv_forward
+    monkeypatch.setattr(nn.Conv3d, "_conv_forward",
+                        lambda self, x, w, b: calls.append(torch.is_autocast_enabled("cpu")) or original(self, x, w, b))
+    deep = ThinSafeConv3d(256, 256, 3, padding=1).to(memory_format=torch.channels_last_3d)
+    wide = ThinSafeConv3d(16, 16, 3, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert deep(torch.randn(4, 256, 2, 3, 2)).dtype == torch.float32
+        assert calls == []
+        assert wide(torch.randn(4, 16, 2, 48, 32)).dtype == torch.float32
+        assert calls == [False]
+        assert wide(torch.randn(4, 16, 4, 48, 32)).dtype == torch.bfloat16
+        assert calls == [False, True]
+    deep(torch.randn(4, 256, 2, 3, 2))  # outside autocast: PyTorch's convolution
+    assert calls == [False, True, False]
+
+
+@pytest.mark.parametrize("layout, dims", [(torch.channels_last_3d, 3), (torch.channels_last, 2),
+                                          (torch.contiguous_format, 3)])
+def test_the_global_pool_gradient_comes_in_the_feature_maps_layout(layout, dims):
+    # the spatial mean and its gradient, as PyTorch's; the gradient in the feature map's memory layout (PyTorch's
+    # own came in the default layout and slowed the LeakyReLU backward of a channels-last map 4x)
+    from frugalseg.nn.heads import global_pool
+
+    torch.manual_seed(0)
+    shape = (3, 5, 4, 6, 2)[:dims + 2]
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    grad_out = torch.randn(3, 5, dtype=torch.float64)
+    got = global_pool(x)
+    want = x.mean(dim=tuple(range(2, x.dim())))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(got, x, grad_out)
+    (h,) = torch.autograd.grad(want, x, grad_out)
+    torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
+    assert g.is_contiguous(memory_format=layout)
+    # the sum with a channels-last gradient from another use of the map stays channels-last
+    if layout != torch.contiguous_format:
+        conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(5, 2, 3, padding=1).double().to(memory_format=layout)
+        y = F.leaky_relu(x, 0.01)
+        seen = []
+        y.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=layout)))
+        (conv(y).sum() + global_pool(y).sum()).backward()
+        assert seen == [True]
