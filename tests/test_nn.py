@@ -215,7 +215,7 @@ def test_a_thin_strided_convolution_under_bf16_matches_fp32():
     torch.manual_seed(0)
     conv = ThinSafeConv3d(128, 256, 3, stride=2, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
     x = torch.randn(4, 128, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d)
-    want = conv(x)
+    want = F.conv3d(x, conv.weight, None, 2, 1)  # PyTorch's fp32 convolution
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = conv(x)
     assert got.dtype == torch.float32
@@ -231,7 +231,7 @@ def test_a_thin_stride_1_convolution_under_bf16_has_the_fp32_weight_gradient():
     conv = ThinSafeConv3d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
     x = torch.randn(2, 256, 2, 3, 2).contiguous(memory_format=torch.channels_last_3d)
     grad_out = torch.randn(2, 256, 2, 3, 2)
-    conv(x).backward(grad_out)
+    F.conv3d(x, conv.weight, None, 1, 1).backward(grad_out)  # PyTorch's fp32 convolution
     want = conv.weight.grad.clone()
     conv.weight.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -290,10 +290,11 @@ def test_a_convolution_as_one_matrix_product_equals_the_convolution(dims, shape,
             torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
 
 
-def test_only_small_thin_convolutions_under_cpu_bf16_become_one_matrix_product(monkeypatch):
-    # the default 3-D U-Net's deepest convolution (256 -> 256, a 2 x 3 x 2 input: 48 rows, 6,912 columns) runs as a
-    # matrix product; a thin input with many voxels (12,288 rows, 432 columns) and every thick input still run
-    # PyTorch's convolution - in fp32 (autocast off) and in bf16 (autocast on) respectively
+def test_only_small_wide_thin_convolutions_on_the_cpu_become_one_matrix_product(monkeypatch):
+    # the default 3-D U-Net's deepest convolution (256 -> 256, a 2 x 3 x 2 input: 48 rows, 6,912 columns) runs as an
+    # fp32 matrix product, under bf16 autocast or not; a thin input with many voxels (12,288 rows, 432 columns), a
+    # narrow one (32 channels: 864 columns) and every thick input still run PyTorch's convolution - thin ones in
+    # fp32 (autocast off), thick ones in bf16 under autocast
     from frugalseg.nn.strided import ThinSafeConv3d
 
     calls = []
@@ -302,6 +303,7 @@ def test_only_small_thin_convolutions_under_cpu_bf16_become_one_matrix_product(m
                         lambda self, x, w, b: calls.append(torch.is_autocast_enabled("cpu")) or original(self, x, w, b))
     deep = ThinSafeConv3d(256, 256, 3, padding=1).to(memory_format=torch.channels_last_3d)
     wide = ThinSafeConv3d(16, 16, 3, padding=1)
+    narrow = ThinSafeConv3d(32, 32, 3, padding=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert deep(torch.randn(4, 256, 2, 3, 2)).dtype == torch.float32
         assert calls == []
@@ -309,7 +311,10 @@ def test_only_small_thin_convolutions_under_cpu_bf16_become_one_matrix_product(m
         assert calls == [False]
         assert wide(torch.randn(4, 16, 4, 48, 32)).dtype == torch.bfloat16
         assert calls == [False, True]
-    deep(torch.randn(4, 256, 2, 3, 2))  # outside autocast: PyTorch's convolution
+        assert narrow(torch.randn(4, 32, 2, 3, 2)).dtype == torch.float32
+        assert calls == [False, True, False]
+    x = torch.randn(4, 256, 2, 3, 2)
+    torch.testing.assert_close(deep(x), F.conv3d(x, deep.weight, deep.bias, 1, 1))  # fp32: the product too
     assert calls == [False, True, False]
 
 

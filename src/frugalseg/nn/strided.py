@@ -12,12 +12,15 @@ such inputs at its deepest level: the default 3-D patch (32 x 48 x 32) reaches 2
 views; every other convolution keeps bf16.
 
 Such a convolution has few output voxels and a large weight (256 x 256 x 27 at the default U-Net's deepest level),
-the shape PyTorch's CPU convolution handles worst: in fp32 its forward and backward passes took ~17 ms for the
-default batch in isolation and ~50 ms of a 0.18 s default 3-D step, mostly in converting the weight and its
-gradient between layouts. When the patches of the input are a small matrix (at most a quarter as many rows - batch
-x output voxels - as columns - input channels x kernel voxels), it is computed instead as one fp32 matrix product
-of those patches with the weight (:func:`conv_as_matmul`), ~4 ms for the same call; the values are the same up to
-the order of the sums (~1e-6 relative).
+a shape PyTorch's CPU fp32 convolution handles badly: ~16 ms forward + backward for the default batch in
+isolation (the same call in bf16: ~4.5 ms), and ~50 ms of a 0.18 s default bf16 3-D step in place, mostly in
+converting the weight and its gradient between layouts. A thin convolution on the CPU whose patch matrix is small
+and wide (batch x output voxels rows, at most 1/16 of the columns - input channels x kernel voxels - and at least
+2,048 columns) is computed instead as one matrix product of the input's patches with the weight
+(:func:`conv_as_matmul`): ~4 ms for that call, in fp32 with or without autocast; the values are the same up to the
+order of the sums (~1e-6 relative). The bounds are where the product was faster in a sweep of thin shapes on one
+CPU (e.g. 22 x 256 x 2 x 3 x 2: 31 -> 16 ms; 24 x 128 x 2 x 3 x 2, a ratio of 1/12: 5.2 ms against 6.5 ms, so the
+convolution; 4 x 32 x 2 x 3 x 2, 864 columns: 0.4 ms against 0.9 ms, the convolution).
 """
 
 from __future__ import annotations
@@ -59,28 +62,35 @@ class _Fp32WhenThin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if needs_fp32(x):
             with torch.autocast("cpu", enabled=False):
-                x = x.float()
-                if self._small_matmul(x):
-                    return conv_as_matmul(x, self.weight, self.bias, self.stride, self.padding)
-                return super().forward(x)
+                return self._thin(x.float())
+        if x.device.type == "cpu" and min(x.shape[2:]) <= SMALL and not torch.is_autocast_enabled("cpu"):
+            return self._thin(x)
+        return super().forward(x)
+
+    def _thin(self, x: torch.Tensor) -> torch.Tensor:
+        if self._small_matmul(x):
+            return conv_as_matmul(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
     def _small_matmul(self, x: torch.Tensor) -> bool:
         """Whether the convolution of ``x`` is faster as :func:`conv_as_matmul`: a zero-padded, ungrouped,
-        undilated convolution whose patch matrix has at most a quarter as many rows as columns."""
+        undilated convolution whose patch matrix has at least 2,048 columns and at most 1/16 as many rows."""
         if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str) or \
                 any(d != 1 for d in self.dilation):
             return False
         out = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[2:], self.padding, self.kernel_size, self.stride)]
-        return 4 * x.shape[0] * math.prod(out) <= self.in_channels * math.prod(self.kernel_size)
+        columns = self.in_channels * math.prod(self.kernel_size)
+        return columns >= 2048 and 16 * x.shape[0] * math.prod(out) <= columns
 
 
 class ThinSafeConv2d(_Fp32WhenThin, nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and state dict) that convolves thin inputs in fp32 under CPU autocast."""
+    """``nn.Conv2d`` (same parameters and state dict) that convolves thin inputs in fp32 under CPU autocast, and
+    small wide thin ones on the CPU as one matrix product."""
 
 
 class ThinSafeConv3d(_Fp32WhenThin, nn.Conv3d):
-    """``nn.Conv3d`` (same parameters and state dict) that convolves thin inputs in fp32 under CPU autocast."""
+    """``nn.Conv3d`` (same parameters and state dict) that convolves thin inputs in fp32 under CPU autocast, and
+    small wide thin ones on the CPU as one matrix product."""
 
 
 def thin_safe_conv(dims: int) -> type[nn.Module]:
