@@ -344,3 +344,25 @@ def test_the_global_pool_gradient_comes_in_the_feature_maps_layout(layout, dims)
         y.register_hook(lambda grad: seen.append(grad.is_contiguous(memory_format=layout)))
         (conv(y).sum() + global_pool(y).sum()).backward()
         assert seen == [True]
+
+
+def test_an_exported_thin_convolution_is_one_onnx_conv(tmp_path):
+    # tracing takes PyTorch's convolution, so the ONNX graph holds a Conv node (not the matrix product's slices,
+    # whose shapes the trace would fix) and runs at another batch size
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import io
+
+    from frugalseg.nn.strided import ThinSafeConv3d
+
+    torch.manual_seed(0)
+    conv = ThinSafeConv3d(256, 256, 3, padding=1).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(conv, (torch.randn(2, 256, 2, 3, 2),), buffer, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    ops = [node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node]
+    assert ops == ["Conv"]
+    x = torch.randn(5, 256, 2, 3, 2)
+    got = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), conv(x), rtol=1e-4, atol=1e-4)

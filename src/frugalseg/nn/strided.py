@@ -63,12 +63,14 @@ class _Fp32WhenThin:
         if needs_fp32(x):
             with torch.autocast("cpu", enabled=False):
                 return self._thin(x.float())
-        if x.device.type == "cpu" and min(x.shape[2:]) <= SMALL and not torch.is_autocast_enabled("cpu"):
+        # an export (ONNX, TorchScript) traces PyTorch's convolution: one Conv node, not the matrix product's shapes
+        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() \
+                and min(x.shape[2:]) <= SMALL:
             return self._thin(x)
         return super().forward(x)
 
     def _thin(self, x: torch.Tensor) -> torch.Tensor:
-        if self._small_matmul(x):
+        if not torch.jit.is_tracing() and self._small_matmul(x):
             return conv_as_matmul(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
