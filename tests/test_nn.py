@@ -366,3 +366,90 @@ def test_an_exported_thin_convolution_is_one_onnx_conv(tmp_path):
     got = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), conv(x), rtol=1e-4, atol=1e-4)
+
+
+def _narrow_pair(monkeypatch, dims, channels, **kwargs):
+    """frugalseg's BatchNorm and torch's with the same parameters; the fast backward forced on (it runs only on
+    AVX-512 CPUs otherwise, and must be right on every machine that runs it)."""
+    from frugalseg.nn import norm
+    monkeypatch.setattr(norm, "_avx512", lambda: True)
+    ours = (norm.BatchNorm2d if dims == 2 else norm.BatchNorm3d)(channels, **kwargs)
+    theirs = (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels, **kwargs)
+    if ours.affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 2.0)
+            ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dims, shape", [(2, (4, 8, 9, 7)), (3, (2, 12, 5, 6, 7))])
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
+def test_the_narrow_batchnorm_backward_equals_torchs_in_float64(monkeypatch, dims, shape, kwargs):
+    torch.manual_seed(0)
+    ours, theirs = _narrow_pair(monkeypatch, dims, shape[1], **kwargs)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 1.5).contiguous(memory_format=layout)
+    dy = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=layout)
+    ref = theirs.double()
+    x64 = x.clone().requires_grad_()
+    y64 = ref(x64)
+    y64.backward(dy)
+    for step in range(2):  # the running statistics move alike over two steps
+        x32 = x.float().requires_grad_()
+        y = ours(x32)
+        assert type(y.grad_fn).__name__ == "_NarrowBatchNormBackward"
+        y.backward(dy.float())
+        if step == 0:
+            torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+            assert x32.grad.is_contiguous(memory_format=layout)
+            if ours.affine:
+                torch.testing.assert_close(ours.weight.grad.double(), ref.weight.grad, rtol=1e-5, atol=1e-4)
+                torch.testing.assert_close(ours.bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-4)
+        else:
+            ref(x.clone())
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_the_narrow_batchnorm_backward_in_bf16_is_torchs_to_bf16_rounding(monkeypatch):
+    torch.manual_seed(1)
+    ours, theirs = _narrow_pair(monkeypatch, 2, 8)
+    x = torch.randn(8, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(8, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    import copy
+    exact = copy.deepcopy(theirs).double()
+    grads = []
+    for bn, dtype in ((ours, torch.bfloat16), (theirs, torch.bfloat16), (exact, torch.float64)):
+        xi = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        bn(xi).backward(dy.to(dtype))
+        grads.append(xi.grad.double())
+    ref = grads[2]
+    for g in grads[:2]:  # both within bf16 rounding of the exact gradient, and as close to it as torch's
+        assert (g - ref).abs().max() < 0.02 * ref.abs().max()
+    assert (grads[0] - ref).abs().mean() <= 1.5 * (grads[1] - ref).abs().mean()
+
+
+def test_only_narrow_channels_last_training_maps_take_the_fast_backward(monkeypatch):
+    ours, _ = _narrow_pair(monkeypatch, 2, 8)
+    cl = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def kind(bn, x):
+        return type(bn(x).grad_fn).__name__
+
+    assert kind(ours, cl) == "_NarrowBatchNormBackward"
+    assert kind(ours, torch.randn(2, 8, 6, 6, requires_grad=True)) != "_NarrowBatchNormBackward"  # default layout
+    with torch.no_grad():
+        assert ours(cl).grad_fn is None
+    wide, _ = _narrow_pair(monkeypatch, 2, 16)
+    assert kind(wide, torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()) \
+        != "_NarrowBatchNormBackward"
+    ours.eval()
+    assert kind(ours, cl) != "_NarrowBatchNormBackward"
+    from frugalseg.nn import norm
+    monkeypatch.setattr(norm, "_avx512", lambda: False)
+    assert kind(ours.train(), cl) != "_NarrowBatchNormBackward"
+    net = UNet(2, 1, 2, (8, 16), norm="batch")
+    assert all(isinstance(m, norm.BatchNorm2d) for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert any(isinstance(m, norm.BatchNorm2d) for m in net.modules())

@@ -13,6 +13,7 @@ from frugalseg.losses.local_contrastive import LOCAL_STRATEGIES, extract_regions
 from frugalseg.methods.base import PRETRAIN, Incompatible, Method, MethodSpec, StepOutput, Stream
 from frugalseg.methods.gcl import slice_partition
 from frugalseg.methods.options import check_choice, check_positive
+from frugalseg.nn.norm import BatchNorm2d
 from frugalseg.nn.unet import UNet
 
 
@@ -68,7 +69,7 @@ class LocalContrastive(Method):
                                f"{list(channels)}, got {o.decoder_blocks}")
         width = int(channels[len(channels) - 1 - o.decoder_blocks])
         conv = nn.Conv2d
-        self.head = nn.Sequential(conv(width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        self.head = nn.Sequential(conv(width, width, 1, bias=False), BatchNorm2d(width), nn.ReLU(inplace=True),
                                   conv(width, width, 1, bias=False))
         self.embed = nn.Linear(width * o.region * o.region, o.projection, bias=False)
         prefixes = tuple(net.encoder_prefixes)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from frugalseg.nn.norm import batch_norm
 from frugalseg.nn.strided import thin_safe_conv
 
 NEGATIVE_SLOPE = 0.01  # LeakyReLU slope, as in nnU-Net
@@ -19,7 +20,7 @@ def _conv(dims: int) -> type[nn.Module]:
 
 def _norm(kind: str, dims: int, channels: int) -> nn.Module:
     if kind == "batch":
-        return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+        return batch_norm(dims, channels)  # torch's, with a fast backward for narrow maps (frugalseg.nn.norm)
     return (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
 
 
