@@ -383,7 +383,8 @@ def _narrow_pair(monkeypatch, dims, channels, **kwargs):
     return ours, theirs
 
 
-@pytest.mark.parametrize("dims, shape", [(2, (4, 8, 9, 7)), (3, (2, 12, 5, 6, 7))])
+@pytest.mark.parametrize("dims, shape", [(2, (4, 8, 9, 7)), (3, (2, 12, 5, 6, 7)), (2, (3, 8, 5, 7)),  # rows of 4, 4, 1
+                                         (2, (4, 8, 8, 8))])  # and 8 voxels
 @pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
 def test_the_narrow_batchnorm_backward_equals_torchs_in_float64(monkeypatch, dims, shape, kwargs):
     torch.manual_seed(0)
@@ -399,7 +400,9 @@ def test_the_narrow_batchnorm_backward_equals_torchs_in_float64(monkeypatch, dim
         x32 = x.float().requires_grad_()
         y = ours(x32)
         assert type(y.grad_fn).__name__ == "_NarrowBatchNormBackward"
-        y.backward(dy.float())
+        dy32 = dy.float()
+        y.backward(dy32)
+        assert torch.equal(dy32, dy.float())  # the incoming gradient is read, never written
         if step == 0:
             torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
