@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from frugalseg.losses.segmentation import DiceCE
@@ -106,3 +107,17 @@ def test_largest_component_and_confident_hard_labels():
     assert lab.tolist() == [[[0, 1]]]
     assert conf[0, 0, 0].item() == pytest.approx(torch.softmax(torch.tensor([3.0, 0.0]), 0)[0].item())
     assert conf[0, 0, 1].item() == pytest.approx(torch.softmax(torch.tensor([0.0, 0.1]), 0)[1].item())
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 6), (2, 4, 5, 3)])
+def test_the_one_hot_by_comparison_is_f_one_hot_value_for_value_and_stride_for_stride(shape):
+    from frugalseg.losses.segmentation import one_hot_channels
+    target = torch.randint(0, 4, shape, generator=torch.Generator().manual_seed(0))
+    ours = one_hot_channels(target, 4, torch.float32)
+    theirs = F.one_hot(target, 4).movedim(-1, 1).to(torch.float32)
+    assert torch.equal(ours, theirs) and ours.stride() == theirs.stride()
+    logits = torch.randn(shape[0], 4, *shape[1:], generator=torch.Generator().manual_seed(1))
+    logits = logits.contiguous(memory_format=torch.channels_last if len(shape) == 3 else torch.channels_last_3d)
+    prob = logits.softmax(1)  # the Dice sums come out bit for bit as with F.one_hot
+    dims = [0, *range(2, logits.dim())]
+    assert torch.equal((prob * ours).sum(dims), (prob * theirs).sum(dims))
