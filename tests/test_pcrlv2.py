@@ -127,3 +127,27 @@ def test_the_two_global_views_and_the_locals_are_normalised_apart():
     assert [o.shape[0] for o in seen] == [3, 3, 6]  # view 1, view 2, the locals: three passes
     # the first convolution has no bias: BN(conv(5x)) = BN(conv(x)) up to the epsilon
     torch.testing.assert_close(seen[0], seen[1], atol=1e-4, rtol=1e-4)
+
+
+def test_views_corrupted_together_equal_views_corrupted_one_by_one_bit_for_bit():
+    from frugalseg.data.augment import gaussian_blur
+    from frugalseg.data.pcrl_crops import corrupt_views, draw_corruption
+
+    def one_view(view, p):  # the corruption of one view, written out, its blur that of the view alone
+        x = gaussian_blur(view[None], torch.tensor([p["sigma"]]))[0] if p["sigma"] >= 0.1 else view
+        x = x + torch.from_numpy(p["noise"])
+        x = torch.sign(x) * x.abs().pow(p["gamma"])
+        if p["starts"] is not None:
+            x = torch.from_numpy(swap_patches(x.numpy(), p["starts"], p["size"]))
+        a = x.numpy().astype(np.float64)
+        return (x - float(a.mean())) / max(float(a.std(ddof=1)), 1e-6)
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 32, 24), (1, 16, 16), (1, 32, 24), (1, 16, 16), (1, 8, 12, 10), (1, 32, 24)] * 4
+    views = [torch.rand(*s, generator=gen) for s in shapes]
+    rng = np.random.default_rng(5)
+    params = [draw_corruption(rng, v.shape, swap=len(s) == 3 and s[1] == 32) for v, s in zip(views, shapes)]
+    radii = {max(1, int(np.ceil(2 * np.float32(p["sigma"])))) for p in params if p["sigma"] >= 0.1}
+    assert len(radii) >= 2  # several kernel radii, so several groups per shape
+    for view, p, together in zip(views, params, corrupt_views(views, params)):
+        assert torch.equal(together, one_view(view, p))

@@ -152,14 +152,30 @@ def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     must come out the same in a background worker (one thread) as in the training process (data.workers)."""
     if not bool((sigma > 0).any()):
         return image
+    radius = blur_radius(sigma)
+    return blur_with(image, gaussian_kernels(sigma, radius, image.dtype), radius)
+
+
+def blur_radius(sigma: torch.Tensor) -> int:
+    """The kernel radius :func:`gaussian_blur` uses for a batch of ``sigma``: ceil(2 max sigma), at least 1."""
+    return max(1, int(math.ceil(2 * float(sigma.max()))))
+
+
+def gaussian_kernels(sigma: torch.Tensor, radius: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 2·radius + 1)`` normalised 1-D Gaussian kernels, one per sigma (the identity kernel for sigma 0)."""
+    x = torch.arange(-radius, radius + 1, dtype=dtype)
+    safe = sigma.clamp_min(1e-3).to(dtype)[:, None]
+    kernel = torch.exp(-x[None] ** 2 / (2 * safe**2))
+    kernel = torch.where((sigma > 0)[:, None], kernel, (x[None] == 0).to(dtype))  # identity when sigma 0
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def blur_with(image: torch.Tensor, kernel: torch.Tensor, radius: int) -> torch.Tensor:
+    """``(B, C, *S)`` convolved along every spatial axis with sample b's kernel ``kernel[b]`` (replicated borders):
+    per voxel the same multiplies and adds in the same order whatever the batch, so a sample comes out the same
+    alone or batched with others."""
     b = image.shape[0]
     dims = image.dim() - 2
-    radius = max(1, int(math.ceil(2 * float(sigma.max()))))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
-    safe = sigma.clamp_min(1e-3).to(image.dtype)[:, None]
-    kernel = torch.exp(-x[None] ** 2 / (2 * safe**2))
-    kernel = torch.where((sigma > 0)[:, None], kernel, (x[None] == 0).to(image.dtype))  # identity when sigma 0
-    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K)
     taps = kernel.view(b, -1, *([1] * (dims + 1)))  # (B, K, 1, ...): tap k of sample b, broadcast over C and S
     out = image
     for d in range(dims):
