@@ -88,11 +88,11 @@ def swap_patches(x: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.n
     pair after the other (``starts`` ``(n, 2, D)``). Both patches of a pair are read before either is written, so
     where they overlap the second write wins: the first patch's content, now at the second place."""
     x = x.copy()
-    for a, b in starts:
-        ia = (slice(None), *(slice(int(u), int(u) + q) for u, q in zip(a, size)))
-        ib = (slice(None), *(slice(int(u), int(u) + q) for u, q in zip(b, size)))
-        pa, pb = x[ia].copy(), x[ib].copy()
-        x[ia] = pb
+    for a, b in starts.tolist():
+        ia = (slice(None), *[slice(u, u + q) for u, q in zip(a, size)])
+        ib = (slice(None), *[slice(u, u + q) for u, q in zip(b, size)])
+        pa = x[ia].copy()
+        x[ia] = x[ib]  # numpy reads an overlapping source in full before writing
         x[ib] = pa
     return x
 
