@@ -383,8 +383,8 @@ def _narrow_pair(monkeypatch, dims, channels, **kwargs):
     return ours, theirs
 
 
-@pytest.mark.parametrize("dims, shape", [(2, (4, 8, 9, 7)), (3, (2, 12, 5, 6, 7)), (2, (3, 8, 5, 7)),  # rows of 4, 4, 1
-                                         (2, (4, 8, 8, 8))])  # and 8 voxels
+@pytest.mark.parametrize("dims, shape", [(2, (4, 8, 9, 7)), (3, (2, 12, 5, 6, 7)), (2, (3, 8, 5, 7)),  # rows: 4, 4, 1,
+                                         (2, (4, 8, 8, 8)), (2, (3, 24, 4, 5))])  # 8, 4
 @pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
 def test_the_narrow_batchnorm_backward_equals_torchs_in_float64(monkeypatch, dims, shape, kwargs):
     torch.manual_seed(0)
