@@ -12,7 +12,7 @@ from frugalseg.collectives import gather_uneven
 from frugalseg.losses.consistency import sigmoid_rampup
 from frugalseg.losses.patchcl import attended_patch_features, patch_statistics, plgcl_loss, select_patches
 from frugalseg.losses.pseudo_labels import hard_labels
-from frugalseg.losses.segmentation import dice_ce_loss, segmentation_loss
+from frugalseg.losses.segmentation import dice_ce_loss, one_hot_channels, segmentation_loss
 from frugalseg.methods.base import TRAIN, Incompatible, Method, MethodSpec, StepOutput
 from frugalseg.methods.mean_teacher import TEACHER_STUDENT_VIEWS
 from frugalseg.methods.options import (
@@ -165,7 +165,7 @@ class PatchCL(Method):
         plgcl, n_picks = logits.new_zeros(()), 0
         if contrast:
             k = logits.shape[1]
-            onehot = F.one_hot(batch["label"], k).movedim(-1, 1).float()
+            onehot = one_hot_channels(batch["label"], k, torch.float32)
             if o.pseudo_labels == "student":  # the paper: the student's own (detached) prediction of its input
                 u_conf, u_image = logits[n:].detach().float().softmax(1), batch["u_image"]
             else:
