@@ -98,7 +98,9 @@ def swap_patches(x: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.n
 
 
 def draw_corruption(rng: np.random.Generator, shape: Sequence[int], swap: bool) -> dict:
-    """The random parameters of :func:`corrupt` for a view of ``shape`` ``(C, *S)``, drawn in its order."""
+    """The random parameters of the official corruption of a [0, 1] view of ``shape`` ``(C, *S)``, in the order
+    they are drawn: blur σ~U(0,2), noise σ~U(0,0.25), gamma log γ~U(−0.3,0.3), (globals, ``swap``) 100 swaps of
+    patches of 1/8 the view's extent. :func:`corrupt_views` applies them, then z-normalises."""
     sigma = float(rng.uniform(0, 2))
     noise = rng.normal(0, rng.uniform(0, 0.25), size=tuple(shape)).astype(np.float32)
     gamma = float(np.exp(rng.uniform(-0.3, 0.3)))
@@ -111,7 +113,7 @@ def draw_corruption(rng: np.random.Generator, shape: Sequence[int], swap: bool) 
 
 
 def _finish_corruption(x: torch.Tensor, params: dict) -> torch.Tensor:
-    """A blurred view: noise, gamma, patch swaps, z-normalisation (:func:`corrupt` after the blur)."""
+    """A blurred view: noise, gamma, patch swaps, z-normalisation (the corruption after its blur)."""
     x = x + torch.from_numpy(params["noise"])
     x = torch.sign(x) * x.abs().pow(params["gamma"])
     if params["starts"] is not None:
@@ -123,15 +125,9 @@ def _finish_corruption(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 def corrupt_views(views: list[torch.Tensor], params: list[dict]) -> list[torch.Tensor]:
-    """:func:`corrupt` of every view with its drawn parameters, the blurs batched."""
+    """Every view corrupted with its parameters from :func:`draw_corruption`, the blurs batched."""
     blurred = _blur_views(views, [p["sigma"] for p in params])
     return [_finish_corruption(x, p) for x, p in zip(blurred, params)]
-
-
-def corrupt(view: torch.Tensor, rng: np.random.Generator, swap: bool) -> torch.Tensor:
-    """The official corruption of a [0, 1] view: blur σ~U(0,2), noise σ~U(0,0.25), gamma log γ~U(−0.3,0.3),
-    (globals) 100 swaps of patches of 1/8 the view's extent; then z-normalisation."""
-    return corrupt_views([view], [draw_corruption(rng, view.shape, swap)])[0]
 
 
 class SubCropSampler:
