@@ -60,9 +60,28 @@ def crop_resize(image: np.ndarray, box: np.ndarray, size: Sequence[int]) -> torc
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    lo = x.flatten(1).min(1).values.view(-1, *([1] * (x.dim() - 1)))
-    hi = x.flatten(1).max(1).values.view(-1, *([1] * (x.dim() - 1)))
+    """``(N, C, *S)`` scaled to [0, 1] per view and channel."""
+    shape = (*x.shape[:2], *([1] * (x.dim() - 2)))
+    lo = x.flatten(2).amin(2).view(shape)
+    hi = x.flatten(2).amax(2).view(shape)
     return (x - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def _by_shape(views: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, view in enumerate(views):
+        groups[tuple(view.shape)].append(i)
+    return groups
+
+
+def unit_views(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each view ``(C, *S)`` scaled to [0, 1] per channel (min and max exact, so batching changes no bit)."""
+    out = list(views)
+    for idx in _by_shape(views).values():
+        scaled = _unit(torch.stack([views[i] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = scaled[j]
+    return out
 
 
 def _blur_views(views: list[torch.Tensor], sigmas: list[float]) -> list[torch.Tensor]:
@@ -88,13 +107,29 @@ def swap_patches(x: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> np.n
     pair after the other (``starts`` ``(n, 2, D)``). Both patches of a pair are read before either is written, so
     where they overlap the second write wins: the first patch's content, now at the second place."""
     x = x.copy()
-    for a, b in starts.tolist():
-        ia = (slice(None), *[slice(u, u + q) for u, q in zip(a, size)])
-        ib = (slice(None), *[slice(u, u + q) for u, q in zip(b, size)])
-        pa = x[ia].copy()
-        x[ia] = x[ib]  # numpy reads an overlapping source in full before writing
-        x[ib] = pa
+    _swap_in_place(x, starts, size)
     return x
+
+
+def _swap_in_place(x: np.ndarray, starts: np.ndarray, size: Sequence[int]) -> None:
+    held = np.empty((x.shape[0], *size), dtype=x.dtype)
+    if len(size) == 2:  # written out for 2 and 3 axes: PCRLv2 makes 3,200 swaps per 2-D batch
+        q0, q1 = size
+        boxes = (((slice(None), slice(a0, a0 + q0), slice(a1, a1 + q1)),
+                  (slice(None), slice(b0, b0 + q0), slice(b1, b1 + q1))) for (a0, a1), (b0, b1) in starts.tolist())
+    elif len(size) == 3:
+        q0, q1, q2 = size
+        boxes = (((slice(None), slice(a0, a0 + q0), slice(a1, a1 + q1), slice(a2, a2 + q2)),
+                  (slice(None), slice(b0, b0 + q0), slice(b1, b1 + q1), slice(b2, b2 + q2)))
+                 for (a0, a1, a2), (b0, b1, b2) in starts.tolist())
+    else:
+        boxes = (((slice(None), *[slice(u, u + q) for u, q in zip(a, size)]),
+                  (slice(None), *[slice(u, u + q) for u, q in zip(b, size)])) for a, b in starts.tolist())
+    for ia, ib in boxes:
+        pa, pb = x[ia], x[ib]
+        held[...] = pa
+        pa[...] = pb  # numpy reads an overlapping source in full before writing
+        pb[...] = held
 
 
 def draw_corruption(rng: np.random.Generator, shape: Sequence[int], swap: bool) -> dict:
@@ -112,22 +147,31 @@ def draw_corruption(rng: np.random.Generator, shape: Sequence[int], swap: bool) 
     return {"sigma": sigma, "noise": noise, "gamma": gamma, "starts": starts, "size": size}
 
 
-def _finish_corruption(x: torch.Tensor, params: dict) -> torch.Tensor:
-    """A blurred view: noise, gamma, patch swaps, z-normalisation (the corruption after its blur)."""
-    x = x + torch.from_numpy(params["noise"])
-    x = torch.sign(x) * x.abs().pow(params["gamma"])
-    if params["starts"] is not None:
-        x = torch.from_numpy(swap_patches(x.numpy(), params["starts"], params["size"]))
-    # mean and sd in one thread (numpy): a multi-threaded reduction's last bits depend on the thread count, and a
-    # batch must not depend on the process that makes it (data.workers)
-    a = x.numpy().astype(np.float64)
-    return (x - float(a.mean())) / max(float(a.std(ddof=1)), 1e-6)
-
-
 def corrupt_views(views: list[torch.Tensor], params: list[dict]) -> list[torch.Tensor]:
-    """Every view corrupted with its parameters from :func:`draw_corruption`, the blurs batched."""
+    """Every view corrupted with its parameters from :func:`draw_corruption`: blur, noise, gamma, patch swaps,
+    z-normalisation. Computed in one batch per view shape (the blurs per shape and kernel radius) with the same
+    operations per voxel as view by view, so a view comes out the same alone or with others."""
     blurred = _blur_views(views, [p["sigma"] for p in params])
-    return [_finish_corruption(x, p) for x, p in zip(blurred, params)]
+    out = list(blurred)
+    for idx in _by_shape(blurred).values():
+        x = torch.stack([blurred[i] for i in idx]) + torch.from_numpy(np.stack([params[i]["noise"] for i in idx]))
+        shape = (len(idx), *([1] * (x.dim() - 1)))
+        gamma = torch.tensor([params[i]["gamma"] for i in idx], dtype=x.dtype).view(shape)
+        x = torch.sign(x) * x.abs().pow(gamma)
+        arr = x.numpy()
+        for j, i in enumerate(idx):
+            if params[i]["starts"] is not None:
+                _swap_in_place(arr[j], params[i]["starts"], params[i]["size"])
+        # mean and sd per view in float64 in one thread (numpy; the same sums as view by view): a multi-threaded
+        # reduction's last bits depend on the thread count, and a batch must not depend on the process that makes
+        # it (data.workers)
+        a = arr.reshape(len(idx), -1).astype(np.float64)
+        mean = torch.from_numpy(a.mean(1)).to(x.dtype).view(shape)
+        sd = torch.from_numpy(np.maximum(a.std(1, ddof=1), 1e-6)).to(x.dtype).view(shape)
+        x = (x - mean) / sd
+        for j, i in enumerate(idx):
+            out[i] = x[j]
+    return out
 
 
 class SubCropSampler:
@@ -159,19 +203,20 @@ class SubCropSampler:
             if self.dims == 2:  # one slice (slice axis first in the training arrays)
                 arr = arr[:, int(rng.integers(arr.shape[1]))]
             globals_, local, _ = sub_crop_boxes(rng, arr.shape[1:], self.n_local, self.min_iou)
-            g = [_unit(self._flip(crop_resize(arr, b, self.patch), rng)) for b in globals_]
-            out["target"].append(g[0])
+            g = [self._flip(crop_resize(arr, b, self.patch), rng) for b in globals_]
             for view in g:
                 views.append(view)
                 params.append(draw_corruption(rng, view.shape, swap=True))
             for b in local:
-                view = _unit(self._flip(crop_resize(arr, b, self.local), rng))
+                view = self._flip(crop_resize(arr, b, self.local), rng)
                 views.append(view)
                 params.append(draw_corruption(rng, view.shape, swap=False))
             out["boxes"].append(torch.from_numpy(globals_))
             out["local_boxes"].append(torch.from_numpy(local))
-        done = corrupt_views(views, params)
+        views = unit_views(views)
         per = 2 + self.n_local
+        out["target"] = [views[i * per] for i in range(self.batch_size)]
+        done = corrupt_views(views, params)
         out["image"] = [done[i * per] for i in range(self.batch_size)]
         out["view2"] = [done[i * per + 1] for i in range(self.batch_size)]
         out["local"] = [torch.stack(done[i * per + 2:(i + 1) * per]) for i in range(self.batch_size)]
