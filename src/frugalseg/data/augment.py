@@ -63,8 +63,9 @@ def apply_spatial(
     out_img = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     out_lab = None
     if label is not None:
+        # nearest neighbours of whole numbers are whole numbers (or the 0 of the padding): no rounding needed
         out_lab = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
-                                align_corners=False)[:, 0].round().long()
+                                align_corners=False)[:, 0].long()
     flips = params["flips"]
     for axis in range(dims):
         m = flips[:, axis]
@@ -106,13 +107,14 @@ def apply_intensity(image: torch.Tensor, params: dict[str, torch.Tensor], gen: t
     shape = (b,) + (1,) * (image.dim() - 1)
     flat = image.reshape(b, -1)
     mean = sample_mean(image).view(shape)
-    image = (image - mean) * params["contrast"].view(shape) + mean
-    lo, hi = flat.amin(1).view(shape), flat.amax(1).view(shape)
+    lo, hi = flat.amin(1).view(shape), flat.amax(1).view(shape)  # the range before the contrast change
     rng = (hi - lo).clamp_min(1e-6)
-    image = ((image - lo) / rng).clamp(0, 1).pow(params["gamma"].view(shape)) * rng + lo
-    image = image + params["brightness"].view(shape)
-    noise = torch.randn(image.shape, generator=gen) * params["noise_std"].view(shape)
-    return image + noise
+    # in place on one new tensor (``image`` is left as it is): the same operations in the same order
+    out = (image - mean).mul_(params["contrast"].view(shape)).add_(mean)
+    out.sub_(lo).div_(rng).clamp_(0, 1).pow_(params["gamma"].view(shape)).mul_(rng).add_(lo)
+    out.add_(params["brightness"].view(shape))
+    noise = torch.randn(image.shape, generator=gen).mul_(params["noise_std"].view(shape))
+    return out.add_(noise)
 
 
 def draw_strong(batch: int, cfg: AugmentConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -114,44 +114,46 @@ class PatchSampler:
         self.volume_p = weights / weights.sum()
         self.has_labels = all(lab is not None for lab in self.labels)
 
-    def _crop(self, v: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Crop a window (spatial dims in training order) around ``centre``, padding outside the volume."""
+    def _crop(self, v: int, centre: np.ndarray, out_img: np.ndarray, out_lab: np.ndarray | None) -> None:
+        """Crop a window (spatial dims in training order) around ``centre`` into ``out_img`` ``(C, *window)`` and
+        ``out_lab`` ``(*window)``, padding outside the volume (the image with its minimum, the label with 0)."""
         img, lab = self.images[v], self.labels[v]
         full = img.shape[1:]
-        if self.dims == 2:
+        if self.dims == 2:  # the slice axis: a window of one slice
             win = (1, *self.window)
+            out_img = out_img[:, None]
+            out_lab = out_lab[None] if out_lab is not None else None
         else:
             win = self.window
-        out_img = np.empty((img.shape[0], *win), dtype=np.float32)
-        out_img[:] = self.pad_values[v].reshape(-1, *([1] * len(win)))
-        out_lab = np.zeros(win, dtype=np.int64) if lab is not None else None
         src, dst = [], []
         for c, w, n in zip(centre, win, full):
             start = int(c) - w // 2
             lo, hi = max(start, 0), min(start + w, n)
             src.append(slice(lo, hi))
             dst.append(slice(lo - start, hi - start))
+        if any(d.start > 0 or d.stop < w for d, w in zip(dst, win)):  # part of the window is outside the volume
+            out_img[:] = self.pad_values[v].reshape(-1, *([1] * len(win)))
+            if out_lab is not None:
+                out_lab[:] = 0
         out_img[(slice(None), *dst)] = img[(slice(None), *src)]
-        if lab is not None:
+        if out_lab is not None:
             out_lab[tuple(dst)] = lab[tuple(src)]
-        if self.dims == 2:
-            return out_img[:, 0], (out_lab[0] if out_lab is not None else None)
-        return out_img, out_lab
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch for training step ``step`` (deterministic in ``(seed, step)``)."""
         rng = np.random.default_rng([self.seed, step] if self.stream is None else [self.seed, step, self.stream])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        images, labels, vol_index, position = [], [], [], []
-        for v, centre in self._partitioned(rng) if self.partitions else self._random(rng):
-            full = self.images[v].shape[1:]
-            img, lab = self._crop(v, centre)
-            images.append(img)
-            labels.append(lab)
+        picks = list(self._partitioned(rng) if self.partitions else self._random(rng))
+        # cropped straight into the batch; labels as float32 (exact for class indices), as resampling takes them
+        crops_np = np.empty((len(picks), self.images[0].shape[0], *self.window), dtype=np.float32)
+        labels_np = np.empty((len(picks), *self.window), dtype=np.float32) if self.has_labels else None
+        vol_index, position = [], []
+        for k, (v, centre) in enumerate(picks):
+            self._crop(v, centre, crops_np[k], labels_np[k] if labels_np is not None else None)
             vol_index.append(v)
-            position.append((np.asarray(centre, dtype=np.float64) + 0.5) / np.asarray(full))
-        crops = torch.from_numpy(np.stack(images))
-        label = torch.from_numpy(np.stack(labels)) if self.has_labels else None
+            position.append((np.asarray(centre, dtype=np.float64) + 0.5) / np.asarray(self.images[v].shape[1:]))
+        crops = torch.from_numpy(crops_np)
+        label = torch.from_numpy(labels_np) if labels_np is not None else None
         strong: list[torch.Tensor] = []
         if self.strong_views:
             # the weak view: spatial augmentation only; strong views share it and add strong intensity changes
@@ -173,7 +175,7 @@ class PatchSampler:
         pos = torch.tensor(np.stack(position), dtype=torch.float32)
         out["position"] = pos[:, 0] if self.dims == 2 else pos
         if label is not None:
-            out["label"] = label
+            out["label"] = label.long()  # already so after resampling
         if second is not None:
             out["view2"] = second.contiguous()
         for k, view in enumerate(strong):
