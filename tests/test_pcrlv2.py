@@ -151,3 +151,23 @@ def test_views_corrupted_together_equal_views_corrupted_one_by_one_bit_for_bit()
     assert len(radii) >= 2  # several kernel radii, so several groups per shape
     for view, p, together in zip(views, params, corrupt_views(views, params)):
         assert torch.equal(together, one_view(view, p))
+
+
+def test_corruption_noise_is_zero_mean_with_the_drawn_sd_and_repeats_with_the_seed():
+    from frugalseg.data.pcrl_crops import draw_corruption
+
+    def draws(seed):
+        rng = np.random.default_rng(seed)
+        return [draw_corruption(rng, (1, 128, 128), swap=True) for _ in range(20)]
+
+    first, again, other = draws(3), draws(3), draws(4)
+    stds = np.array([p["noise_std"] for p in first])
+    assert stds.min() >= 0 and stds.max() <= 0.25 and stds.max() - stds.min() > 0.1  # sigma ~ U(0, 0.25)
+    for p in first:
+        assert p["noise"].dtype == np.float32 and p["noise"].shape == (1, 128, 128)
+        assert abs(float(p["noise"].mean())) < 4 * p["noise_std"] / 128 + 1e-9  # 4 standard errors
+        assert abs(float(p["noise"].std()) - p["noise_std"]) <= 0.03 * p["noise_std"]
+    assert all(np.array_equal(a["noise"], b["noise"]) for a, b in zip(first, again))
+    assert not np.array_equal(first[0]["noise"] / max(first[0]["noise_std"], 1e-9),
+                              first[1]["noise"] / max(first[1]["noise_std"], 1e-9))  # each view its own noise
+    assert not any(np.array_equal(a["noise"], b["noise"]) for a, b in zip(first, other))

@@ -187,7 +187,8 @@ def blur_with(image: torch.Tensor, kernel: torch.Tensor, radius: int) -> torch.T
         hi = out.narrow(axis, n - 1, 1).expand(*out.shape[:axis], radius, *out.shape[axis + 1:])
         padded = torch.cat([lo, out, hi], dim=axis)
         acc = padded.narrow(axis, 0, n) * taps[:, 0]
+        term = torch.empty_like(acc)
         for k in range(1, 2 * radius + 1):
-            acc = acc + padded.narrow(axis, k, n) * taps[:, k]
+            acc.add_(torch.mul(padded.narrow(axis, k, n), taps[:, k], out=term))
         out = acc
     return out.contiguous()
