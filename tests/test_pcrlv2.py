@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +57,22 @@ def test_patch_swaps_exchange_patches_and_overlaps_follow_the_stated_rule():
     assert y[0, 0, 7] == x[0, 0, 7]  # outside both: untouched
     # pairs apply in order: swapping the same pair twice restores the image
     np.testing.assert_array_equal(swap_patches(x, np.array([[[1, 2], [5, 3]], [[1, 2], [5, 3]]]), (3, 3)), x)
+
+
+@pytest.mark.parametrize("shape,size", [((1, 20, 24), (5, 6)), ((2, 20, 24), (5, 6)), ((1, 9, 10, 11), (3, 2, 4)),
+                                        ((2, 9, 10, 11), (3, 2, 4)), ((1, 30), (7,))])
+def test_patch_swaps_equal_the_rule_written_out_in_every_dimension(shape, size):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype(np.float32)
+    starts = rng.integers(0, [s - q + 1 for s, q in zip(shape[1:], size)], size=(60, 2, len(size)))
+    want = x.copy()
+    for a, b in starts:  # the rule written out: read both patches, then write the first, then the second
+        ia = (slice(None), *[slice(u, u + q) for u, q in zip(a, size)])
+        ib = (slice(None), *[slice(u, u + q) for u, q in zip(b, size)])
+        pa, pb = want[ia].copy(), want[ib].copy()
+        want[ia] = pb
+        want[ib] = pa
+    np.testing.assert_array_equal(swap_patches(x, starts, size), want)
 
 
 def test_sampler_views_targets_and_determinism():
