@@ -47,6 +47,31 @@ def test_crops_sample_the_box_they_claim():
     torch.testing.assert_close(crop[0], torch.from_numpy(image[:, 2:6, 4:10, :]))
 
 
+def test_crops_equal_grid_sample_on_the_boxes_affine_grids():
+    import torch.nn.functional as F
+
+    def reference(image, boxes, patch):  # one trilinear grid_sample on each box's affine grid (whole third axis)
+        shape = image.shape[1:]
+        theta = torch.zeros(len(boxes), 3, 4)
+        for r, box in enumerate(boxes):
+            for d, (a, b) in enumerate([*box, (0.0, shape[2])]):
+                theta[r, 2 - d, 2 - d] = (b - a) / shape[d]  # grid coordinates run (last axis, ..., first)
+                theta[r, 2 - d, 3] = (a + b) / shape[d] - 1.0
+        img = torch.from_numpy(image)[None].expand(len(boxes), -1, -1, -1, -1)
+        grid = F.affine_grid(theta, [len(boxes), image.shape[0], *patch], align_corners=False)
+        return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        shape = tuple(int(n) for n in rng.integers(12, 40, size=3))
+        image = rng.normal(size=(2, *shape)).astype(np.float32)
+        patch = tuple(int(n) for n in rng.integers(5, 20, size=3))
+        lo = rng.uniform(-4, 0.6 * np.array(shape[:2]), size=(5, 2))  # some boxes leave the volume: borders
+        boxes = np.stack([lo, lo + rng.uniform(2, 0.6 * np.array(shape[:2]), size=(5, 2))], -1)
+        torch.testing.assert_close(sample_crops(image, boxes, patch), reference(image, boxes, patch),
+                                   rtol=0, atol=1e-4)
+
+
 def test_batch_layout_and_determinism():
     vols = [Volume(f"v{i}", np.random.default_rng(i).normal(size=(1, 40, 40, 8)).astype(np.float32), None,
                    np.eye(4), (1.0, 1.0, 1.0)) for i in range(3)]

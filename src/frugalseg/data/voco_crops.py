@@ -3,7 +3,7 @@
 Boxes are continuous ``[start, stop)`` intervals in voxel units along the first two spatial axes; every crop spans
 the whole third axis. The overlap of a random crop with each base is computed from the boxes (area of the
 intersection / area of a base), never re-derived from pixels; a random crop inside the grid has overlaps summing
-to 1. Crops are resampled to the patch size with one ``grid_sample`` per batch.
+to 1. Crops are resampled to the patch size by trilinear interpolation, one axis at a time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from frugalseg.data.volume import Volume
 from frugalseg.errors import Incompatible
@@ -46,26 +45,34 @@ def overlap_fractions(crops: np.ndarray, bases: np.ndarray) -> np.ndarray:
     return inter / area[None, :]
 
 
-def _theta(boxes: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
-    """Affine matrices for ``F.affine_grid`` (align_corners=False) that sample each box (full third axis)."""
-    n = len(boxes)
-    theta = torch.zeros(n, 3, 4, dtype=torch.float32)
-    full = np.array([[0.0, shape[2]]])
-    for r, box in enumerate(boxes):
-        box3 = np.concatenate([box, full])
-        for d in range(3):  # grid_sample's coordinate order is (last axis, ..., first axis)
-            a, b = box3[d]
-            row = 2 - d
-            theta[r, row, row] = (b - a) / shape[d]
-            theta[r, row, 3] = (a + b) / shape[d] - 1.0
-    return theta
+def _axis_taps(lo: np.ndarray, hi: np.ndarray, out: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear-interpolation taps resampling ``[lo, hi)`` (per box, ``(R,)``) of an axis of ``size`` voxels to ``out``
+    samples at the intervals' centres, borders replicated (``grid_sample``'s ``align_corners=False`` and
+    ``padding_mode="border"``): indices ``i0``, ``i1`` ``(R, out)`` and the weight of ``i1``."""
+    centre = lo[:, None] + (np.arange(out) + 0.5) * ((hi - lo) / out)[:, None] - 0.5
+    src = np.clip(centre, 0, size - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, size - 1)
+    return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy((src - i0).astype(np.float32))
 
 
 def sample_crops(image: np.ndarray, boxes: np.ndarray, patch: Sequence[int]) -> torch.Tensor:
-    """``(R, C, *patch)`` trilinear resamplings of ``image`` ``(C, X, Y, Z)`` inside each box."""
-    img = torch.from_numpy(np.ascontiguousarray(image))[None].expand(len(boxes), -1, -1, -1, -1)
-    grid = F.affine_grid(_theta(boxes, image.shape[1:]), [len(boxes), image.shape[0], *patch], align_corners=False)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    """``(R, C, *patch)`` trilinear resamplings of ``image`` ``(C, X, Y, Z)`` inside each box (the whole third axis),
+    as ``grid_sample`` (bilinear, border padding, ``align_corners=False``) on the boxes' affine grids, axis by axis:
+    the boxes are axis-aligned, so trilinear interpolation is three linear ones (~4x faster than ``grid_sample``'s
+    8 corners per voxel; equal to it to float rounding, the positions computed in float64)."""
+    img = torch.from_numpy(np.ascontiguousarray(image))
+    shape = image.shape[1:]
+    boxes = np.asarray(boxes, dtype=np.float64)
+    whole = np.array([0.0]), np.array([float(shape[2])])
+    z0, z1, wz = (t[0] for t in _axis_taps(*whole, patch[2], shape[2]))  # the same for every box: once
+    img = torch.lerp(img[..., z0], img[..., z1], wz)
+    x0, x1, wx = _axis_taps(boxes[:, 0, 0], boxes[:, 0, 1], patch[0], shape[0])
+    y0, y1, wy = _axis_taps(boxes[:, 1, 0], boxes[:, 1, 1], patch[1], shape[1])
+    rows = torch.lerp(img[:, x0], img[:, x1], wx[:, :, None, None])  # (C, R, px, Y, pz): every box's rows
+    r, p = torch.arange(len(boxes))[:, None, None], torch.arange(patch[0])[None, :, None]
+    out = torch.lerp(rows[:, r, p, y0[:, None, :]], rows[:, r, p, y1[:, None, :]], wy[:, None, :, None])
+    return out.transpose(0, 1).contiguous()
 
 
 class VoCoSampler:
