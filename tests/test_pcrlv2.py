@@ -188,3 +188,18 @@ def test_corruption_noise_is_zero_mean_with_the_drawn_sd_and_repeats_with_the_se
     assert not np.array_equal(first[0]["noise"] / max(first[0]["noise_std"], 1e-9),
                               first[1]["noise"] / max(first[1]["noise_std"], 1e-9))  # each view its own noise
     assert not any(np.array_equal(a["noise"], b["noise"]) for a, b in zip(first, other))
+
+
+def test_views_scaled_together_span_zero_to_one_per_view_and_channel():
+    from frugalseg.data.pcrl_crops import unit_views
+
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randn(2, 6, 5, generator=gen) * (k + 1) + k for k in range(3)] + [torch.randn(2, 4, 4, 3)]
+    for view, scaled in zip(views, unit_views(views)):
+        assert scaled.shape == view.shape
+        flat = scaled.flatten(1)
+        torch.testing.assert_close(flat.amin(1), torch.zeros(2), rtol=0, atol=0)
+        torch.testing.assert_close(flat.amax(1), torch.ones(2), rtol=0, atol=1e-6)
+        lo = view.flatten(1).amin(1).view(2, *[1] * (view.dim() - 1))
+        hi = view.flatten(1).amax(1).view(2, *[1] * (view.dim() - 1))
+        assert torch.equal(scaled, (view - lo) / (hi - lo))  # the same operations as view by view
