@@ -88,6 +88,30 @@ def test_sampler_is_deterministic_per_step_and_keeps_labels_aligned():
     assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 3}
 
 
+def test_plain_3d_crops_copy_the_volume_at_the_recorded_centre_and_pad_outside():
+    shape = (9, 11, 7)
+    image = (np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape) + 5.0)  # minimum 5: the image padding
+    label = (np.arange(np.prod(shape)).reshape(shape) % 4).astype(np.int64)
+    vol = Volume("v", image, label, np.eye(4), (1.0, 1.0, 1.0))
+    patch = (6, 8, 10)  # larger than the volume along the last axis: every crop is padded there
+    batch = PatchSampler([vol], 3, patch, 6, seed=2, foreground_oversample=0.5).batch(4)
+    assert batch["label"].dtype == torch.int64 and batch["image"].dtype == torch.float32
+    for k in range(6):
+        centre = np.rint(batch["position"][k].numpy().astype(np.float64) * shape - 0.5).astype(int)
+        want_img = np.full((1, *patch), 5.0, dtype=np.float32)
+        want_lab = np.zeros(patch, dtype=np.int64)
+        src, dst = [], []
+        for c, w, n in zip(centre, patch, shape):
+            start = c - w // 2
+            lo, hi = max(start, 0), min(start + w, n)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - start, hi - start))
+        want_img[(slice(None), *dst)] = image[(slice(None), *src)]
+        want_lab[tuple(dst)] = label[tuple(src)]
+        np.testing.assert_array_equal(batch["image"][k].numpy(), want_img)
+        np.testing.assert_array_equal(batch["label"][k].numpy(), want_lab)
+
+
 def test_two_views_share_the_crop_and_record_where_it_came_from():
     image = np.arange(40 * 40 * 6, dtype=np.float32).reshape(1, 40, 40, 6)  # slice axis 2 (spacing 6 mm)
     vols = [Volume(f"v{i}", image + 100_000 * i, None, np.eye(4), (1.5, 1.5, 6.0)) for i in range(2)]

@@ -175,7 +175,7 @@ class PatchSampler:
         pos = torch.tensor(np.stack(position), dtype=torch.float32)
         out["position"] = pos[:, 0] if self.dims == 2 else pos
         if label is not None:
-            out["label"] = label.long()  # already so after resampling
+            out["label"] = label.long()  # the float32 crops when not resampled (no augmentation)
         if second is not None:
             out["view2"] = second.contiguous()
         for k, view in enumerate(strong):
