@@ -457,3 +457,51 @@ def test_only_narrow_channels_last_training_maps_take_the_fast_backward(monkeypa
     net = UNet(2, 1, 2, (8, 16), norm="batch")
     assert all(isinstance(m, norm.BatchNorm2d) for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     assert any(isinstance(m, norm.BatchNorm2d) for m in net.modules())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_skip_concatenation_gives_torch_cat_values_and_a_dense_skip_gradient(dims, monkeypatch):
+    from frugalseg.nn import unet as unet_module
+    from frugalseg.nn.unet import cat_skip
+
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    size = (6, 5) if dims == 2 else (4, 5, 3)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 8, *size, generator=g).to(memory_format=layout).requires_grad_()
+    b = torch.randn(2, 12, *size, generator=g).to(memory_format=layout).requires_grad_()
+    up = torch.randn(2, 20, *size, generator=g)
+    out = cat_skip(a, b)
+    assert out.grad_fn is not None and "SkipCat" in type(out.grad_fn).__name__
+    assert torch.equal(out, torch.cat([a, b], 1))
+    ga, gb = torch.autograd.grad(out, (a, b), up)
+    assert torch.equal(ga, up[:, :8]) and torch.equal(gb, up[:, 8:])
+    assert ga.is_contiguous(memory_format=layout)  # dense, in a's layout: not a slice of the 20-channel gradient
+    # routed only where it pays: 32 or more channels, the default layout and no gradient take torch.cat
+    wide = torch.randn(2, 32, *size).to(memory_format=layout).requires_grad_()
+    assert "SkipCat" not in type(cat_skip(wide, b).grad_fn).__name__
+    assert "SkipCat" not in type(cat_skip(a.detach().contiguous().requires_grad_(), b).grad_fn).__name__
+    with torch.no_grad():
+        assert cat_skip(a, b).grad_fn is None
+    # a U-Net's weights and input gradient are the same bits with torch.cat
+    net = UNet(dims, 1, 3, channels=(8, 16, 32, 64), norm="batch").to(memory_format=layout)
+    x = torch.randn(2, 1, *[8 * s for s in size[:2]], *([8] if dims == 3 else []), generator=g)
+    x = x.to(memory_format=layout).requires_grad_()
+
+    def grads():
+        net.zero_grad()
+        loss = net(x).square().mean()
+        return [t.clone() for t in torch.autograd.grad(loss, [x, *net.parameters()])]
+
+    taken = []
+
+    def recording(p, q):
+        y = cat_skip(p, q)
+        taken.append("SkipCat" in type(y.grad_fn).__name__)
+        return y
+
+    monkeypatch.setattr(unet_module, "cat_skip", recording)
+    ours = grads()
+    assert taken == [False, True, True]  # the 16- and 8-channel levels take it, 32 channels not
+    monkeypatch.setattr(unet_module, "cat_skip", lambda p, q: torch.cat([p, q], 1))
+    for mine, plain in zip(ours, grads()):
+        assert torch.equal(mine, plain)

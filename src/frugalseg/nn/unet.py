@@ -24,6 +24,38 @@ def _norm(kind: str, dims: int, channels: int) -> nn.Module:
     return (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
 
 
+class _SkipCat(torch.autograd.Function):
+    """``torch.cat([a, b], 1)`` whose backward hands ``a`` a dense gradient in its own layout.
+
+    ``a`` is an encoder feature, also used by the next encoder level, so its two gradients are added. As a channel
+    slice of a channels-last gradient, the one from here has its channels apart from each other, and PyTorch's CPU add
+    then works element by element for few channels: 4.0 ms per 16 × 16 × 128² bf16 add against 0.5 ms to copy the
+    slice dense and 0.6 ms to add it (from 32 channels on the slice is added as fast as a dense tensor). Same values:
+    only where the gradient lives changes. ``b``'s gradient stays the slice ``torch.cat`` gives."""
+
+    @staticmethod
+    def forward(ctx, a, b):  # noqa: ANN001, ANN205
+        ctx.split = a.shape[1]
+        return torch.cat([a, b], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        layout = torch.channels_last if grad.dim() == 4 else torch.channels_last_3d
+        ga = grad.narrow(1, 0, ctx.split).contiguous(memory_format=layout) if ctx.needs_input_grad[0] else None
+        gb = grad.narrow(1, ctx.split, grad.shape[1] - ctx.split) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+def cat_skip(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([a, b], 1)``; for a CPU channels-last ``a`` of fewer than 32 channels, with a backward that gives
+    ``a`` a dense gradient (:class:`_SkipCat`)."""
+    layout = torch.channels_last if a.dim() == 4 else torch.channels_last_3d
+    if (a.device.type == "cpu" and a.dim() in (4, 5) and 1 < a.shape[1] < 32 and a.requires_grad
+            and torch.is_grad_enabled() and a.is_contiguous(memory_format=layout) and not a.is_contiguous()):
+        return _SkipCat.apply(a, b)
+    return torch.cat([a, b], dim=1)
+
+
 class ConvBlock(nn.Sequential):
     """(conv 3 -> norm -> LeakyReLU) x 2; the first convolution may have stride 2 (downsampling)."""
 
@@ -128,7 +160,7 @@ class UNet(nn.Module):
             target = features[-2 - j]
             x = match_size(up(x), target.shape[2:])
             if self.skip:
-                x = torch.cat([target, x], dim=1)
+                x = cat_skip(target, x)
             x = block(x)
             out.append(x)
         return self.head(x), out
