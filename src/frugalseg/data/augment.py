@@ -158,9 +158,11 @@ def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return blur_with(image, gaussian_kernels(sigma, radius, image.dtype), radius)
 
 
-def blur_radius(sigma: torch.Tensor) -> int:
-    """The kernel radius :func:`gaussian_blur` uses for a batch of ``sigma``: ceil(2 max sigma), at least 1."""
-    return max(1, int(math.ceil(2 * float(sigma.max()))))
+def blur_radius(sigma: torch.Tensor | float) -> int:
+    """The kernel radius :func:`gaussian_blur` uses for a batch of ``sigma`` (or one sigma): ceil(2 max sigma), at
+    least 1."""
+    top = float(sigma.max()) if isinstance(sigma, torch.Tensor) else float(sigma)
+    return max(1, int(math.ceil(2 * top)))
 
 
 def gaussian_kernels(sigma: torch.Tensor, radius: int, dtype: torch.dtype) -> torch.Tensor:

@@ -6,7 +6,6 @@ Works on 2-D slices and 3-D volumes alike: boxes are ``(D, 2)`` integer ``[start
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from frugalseg.data.augment import blur_with, gaussian_kernels
+from frugalseg.data.augment import blur_radius, blur_with, gaussian_kernels
 from frugalseg.data.sampling import as_training_arrays
 from frugalseg.data.volume import Volume
 from frugalseg.errors import Incompatible
@@ -91,10 +90,10 @@ def _blur_views(views: list[torch.Tensor], sigmas: list[float]) -> list[torch.Te
     views per batch, with the same kernel per view and the same operations per voxel."""
     out = list(views)
     groups: dict[tuple, list[int]] = defaultdict(list)
-    sigma32 = np.asarray(sigmas, dtype=np.float32)  # as torch holds them; the radius is blur_radius's
+    sigma32 = np.asarray(sigmas, dtype=np.float32)  # as torch holds them
     for i, view in enumerate(views):
         if sigmas[i] >= 0.1:
-            groups[(tuple(view.shape), max(1, math.ceil(2 * float(sigma32[i]))))].append(i)
+            groups[(tuple(view.shape), blur_radius(float(sigma32[i])))].append(i)
     for (_, radius), idx in groups.items():
         kernels = gaussian_kernels(torch.from_numpy(sigma32[idx]), radius, views[idx[0]].dtype)
         blurred = blur_with(torch.stack([views[i] for i in idx]), kernels, radius)
