@@ -173,12 +173,14 @@ def test_a_dying_rank_ends_the_job_without_a_hang(phantoms_2d, tmp_path):
 
 
 def test_benchmark_with_a_pretraining_chain_under_torchrun(phantoms_2d, tmp_path):
-    """`benchmark` under torchrun (BYOL chain + fine-tuning, and random): the same table as one process."""
+    """`benchmark` under torchrun (BYOL chain + fine-tuning, and random): the same table as one process. In fp32, as
+    the test above: under bf16 (`auto` on a CPU with bf16 instructions) the two reduction orders round apart by more
+    than the 1e-3 asked (0.0013 seen on a Zen 4 CPU)."""
     import csv
 
     sets = ["data.spatial_dims=2", "data.patch_size=[32,32]", "data.batch_size=4", "model.channels=[8,16,32]",
             "train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "optim.warmup_steps=1",
-            "optim.name=sgd", "optim.lr=0.01", "train.num_threads=1"]
+            "optim.name=sgd", "optim.lr=0.01", "train.num_threads=1", "train.precision=fp32"]
     args = ["benchmark", "--data", str(phantoms_2d), "--recipes", "random,byol", "--labeled", "1", "--seeds", "0"]
     for s in sets:
         args += ["--set", s]
