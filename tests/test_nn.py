@@ -460,6 +460,20 @@ def test_only_narrow_channels_last_training_maps_take_the_fast_backward(monkeypa
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+def test_a_narrow_unet_compiles_as_one_graph(dims):
+    """`train.compile` on the 8-128 U-Net: the narrow BatchNorm's CPU check must not break the compiled graph (a
+    break made one graph per layer, whose recompilations ended in an inductor error at the first 3-D step)."""
+    net = UNet(dims, 1, 2, (8, 16, 32), norm="batch")
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    net = net.to(memory_format=layout)
+    x = torch.randn(2, 1, *([16] * dims)).contiguous(memory_format=layout).requires_grad_()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, net(x))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
 def test_skip_concatenation_gives_torch_cat_values_and_a_dense_skip_gradient(dims, monkeypatch):
     from frugalseg.nn import unet as unet_module
     from frugalseg.nn.unet import cat_skip

@@ -81,8 +81,11 @@ class _FastNarrowBackward:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_batch_stats = self.training or self.running_mean is None
-        if not (use_batch_stats and torch.is_grad_enabled() and x.requires_grad and narrow_channels_last(x)
-                and not torch.compiler.is_compiling()):
+        # compiling is asked first: narrow_channels_last reads the CPU's capability, which a compiled graph cannot
+        # trace - the break split a compiled narrow U-Net into one graph per layer and its recompilations made
+        # inductor fail on the convolutions' backward (a traceback at the first step of `train.compile: true`)
+        if torch.compiler.is_compiling() or not (use_batch_stats and torch.is_grad_enabled() and x.requires_grad
+                                                 and narrow_channels_last(x)):
             return super().forward(x)
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
