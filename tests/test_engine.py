@@ -212,3 +212,23 @@ def test_compiled_network_computes_what_the_eager_one_does_and_falls_back_where_
     said = []
     assert not trainer.compile_network(torch.nn.Linear(2, 2), said.append)
     assert said == ["train.compile: compilation is unavailable here (RuntimeError); training eagerly"]
+
+
+def test_a_network_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    """Compilation is lazy: where the probe compiles but the network's step does not (an inductor error in its
+    backward, as the 8-128 U-Net's was), fit stops with one line naming the switch, not a traceback."""
+    from frugalseg.engine import trainer
+
+    def failing_backend(gm, example_inputs):
+        raise ValueError("Invalid ranges [0:-1]")
+
+    def compile_with_a_failing_backend(net, notify=None):
+        net.compile(backend=failing_backend)
+        return True
+
+    monkeypatch.setattr(trainer, "compile_network", compile_with_a_failing_backend)
+    method, sampler, opt, sched, cfg = _setup(steps=2)
+    cfg.train.compile = True
+    with pytest.raises(UserError, match=r"^train\.compile: PyTorch could not compile this network's step "
+                                        r"\(ValueError: Invalid ranges \[0:-1\]\); run it without compilation \(--set train\.compile=false\)$"):
+        fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "run", torch.device("cpu"), show_progress=False)

@@ -130,6 +130,19 @@ class StepRunner:
                 else contextlib.nullcontext())
 
     def __call__(self, step: int, progress: float) -> StepResult:
+        if not self.compiled:
+            return self._step(step, progress)
+        from torch._dynamo.exc import TorchDynamoException  # inductor's errors derive from it
+
+        try:
+            return self._step(step, progress)
+        except TorchDynamoException as exc:  # compilation is lazy: it fails here, in the forward or the backward
+            cause = getattr(exc, "inner_exception", None) or exc  # the compiler's own error, not dynamo's wrapper
+            first = (str(cause).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"train.compile: PyTorch could not compile this network's step ({type(cause).__name__}: "
+                            f"{first}); run it without compilation (--set train.compile=false)") from exc
+
+    def _step(self, step: int, progress: float) -> StepResult:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         data_time = 0.0
