@@ -230,5 +230,6 @@ def test_a_network_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, mon
     method, sampler, opt, sched, cfg = _setup(steps=2)
     cfg.train.compile = True
     with pytest.raises(UserError, match=r"^train\.compile: PyTorch could not compile this network's step "
-                                        r"\(ValueError: Invalid ranges \[0:-1\]\); run it without compilation \(--set train\.compile=false\)$"):
+                                        r"\(ValueError: Invalid ranges \[0:-1\]\); "
+                                        r"run it without compilation \(--set train\.compile=false\)$"):
         fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "run", torch.device("cpu"), show_progress=False)
