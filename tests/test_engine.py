@@ -229,7 +229,43 @@ def test_a_network_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, mon
     monkeypatch.setattr(trainer, "compile_network", compile_with_a_failing_backend)
     method, sampler, opt, sched, cfg = _setup(steps=2)
     cfg.train.compile = True
-    with pytest.raises(UserError, match=r"^train\.compile: PyTorch could not compile this network's step "
+    with pytest.raises(UserError, match=r"^train\.compile: PyTorch could not compile this network "
                                         r"\(ValueError: Invalid ranges \[0:-1\]\); "
                                         r"run it without compilation \(--set train\.compile=false\)$"):
         fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "run", torch.device("cpu"), show_progress=False)
+
+
+def test_a_validation_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    """Validation along the way runs the compiled network in eval mode, without gradients: a new graph, compiled
+    then. Its failure ends the run in one line too; the training steps before it compiled and ran."""
+    from frugalseg.engine import trainer
+
+    steps_done = []
+
+    def backend_without_eval_graphs(gm, example_inputs):
+        if not torch.is_grad_enabled():
+            raise ValueError("no graph without gradients")
+        return gm.forward
+
+    def compile_with_that_backend(net, notify=None):
+        net.compile(backend=backend_without_eval_graphs)
+        return True
+
+    monkeypatch.setattr(trainer, "compile_network", compile_with_that_backend)
+    method, sampler, opt, sched, cfg = _setup(steps=4)
+    batch = sampler.batch(0)
+
+    def validate():
+        steps_done.append(len(steps_done))
+        method.eval()
+        with torch.no_grad():
+            method.net(batch["image"])
+        method.train()
+        return {"val_dice": 0.5}
+
+    cfg.train.compile, cfg.train.val_every = True, 2
+    with pytest.raises(UserError, match=r"^train\.compile: PyTorch could not compile this network "
+                                        r"\(ValueError: no graph without gradients\); "):
+        fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "run", torch.device("cpu"), show_progress=False,
+            validate=validate)
+    assert steps_done == [0]  # the first validation, after two compiled training steps

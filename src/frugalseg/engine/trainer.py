@@ -130,16 +130,21 @@ class StepRunner:
                 else contextlib.nullcontext())
 
     def __call__(self, step: int, progress: float) -> StepResult:
+        return self.compiled_call(self._step, step, progress)
+
+    def compiled_call(self, fn: Callable, *args):  # noqa: ANN201
+        """``fn(*args)``; with a compiled network, a failure to compile (lazy: in the forward or the backward of a
+        training step, or in the eval-mode forward of a validation) ends the run as one line, not a traceback."""
         if not self.compiled:
-            return self._step(step, progress)
+            return fn(*args)
         from torch._dynamo.exc import TorchDynamoException  # inductor's errors derive from it
 
         try:
-            return self._step(step, progress)
-        except TorchDynamoException as exc:  # compilation is lazy: it fails here, in the forward or the backward
+            return fn(*args)
+        except TorchDynamoException as exc:
             cause = getattr(exc, "inner_exception", None) or exc  # the compiler's own error, not dynamo's wrapper
             first = (str(cause).strip().splitlines() or [""])[0][:160]
-            raise UserError(f"train.compile: PyTorch could not compile this network's step ({type(cause).__name__}: "
+            raise UserError(f"train.compile: PyTorch could not compile this network ({type(cause).__name__}: "
                             f"{first}); run it without compilation (--set train.compile=false)") from exc
 
     def _step(self, step: int, progress: float) -> StepResult:
@@ -309,7 +314,7 @@ def fit(
                            f"ETA {_clock(per_step * (total - done))}")
             if validating and (done % cfg.val_every == 0 or done == total):
                 t_val = time.perf_counter()
-                scores = validate()
+                scores = runner.compiled_call(validate)
                 val_time += time.perf_counter() - t_val
                 log.write(done, {**scores, "val_seconds": time.perf_counter() - t_val})
                 if plain:
