@@ -240,7 +240,7 @@ def test_a_validation_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, 
     then. Its failure ends the run in one line too; the training steps before it compiled and ran."""
     from frugalseg.engine import trainer
 
-    steps_done = []
+    validations = []
 
     def backend_without_eval_graphs(gm, example_inputs):
         if not torch.is_grad_enabled():
@@ -256,7 +256,7 @@ def test_a_validation_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, 
     batch = sampler.batch(0)
 
     def validate():
-        steps_done.append(len(steps_done))
+        validations.append(len(validations))
         method.eval()
         with torch.no_grad():
             method.net(batch["image"])
@@ -268,4 +268,4 @@ def test_a_validation_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, 
                                         r"\(ValueError: no graph without gradients\); "):
         fit(method, sampler.batch, opt, sched, cfg.train, tmp_path / "run", torch.device("cpu"), show_progress=False,
             validate=validate)
-    assert steps_done == [0]  # the first validation, after two compiled training steps
+    assert validations == [0]  # the first validation, after two compiled training steps

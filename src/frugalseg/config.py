@@ -115,8 +115,8 @@ class TrainConfig:
     # by default where the hardware multiplies it") found bf16 within the seed spread of fp32, at ~2x the steps/min
     precision: str = "auto"
     # compile the network's forward and backward with torch.compile (inductor); falls back to eager, with a note,
-    # where compilation is unavailable (no C compiler); operators it cannot trace run eagerly; a step whose
-    # compilation fails stops the run with one line
+    # where compilation is unavailable (no C compiler); operators it cannot trace run eagerly; a training step or a
+    # validation whose compilation fails stops the run with one line
     compile: bool = False
     channels_last: bool = True
     log_every: int = 10
