@@ -160,6 +160,31 @@ def test_a_run_records_its_precision_and_the_profile_row_its_roof(phantoms_2d, t
     assert row["precision"] == ("bf16" if hardware.native_bf16() else "fp32") and row["eval_volumes_per_second"] > 0
 
 
+def test_evaluation_throughput_times_the_folded_network_evaluate_runs_and_leaves_the_trained_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from frugalseg.config import build_config
+    from frugalseg.eval import inference
+    from frugalseg.registry import build_network
+
+    cfg = build_config(2, None, [])
+    net = build_network(cfg.model, 2, 1, 3).train()
+    seen = []
+
+    def fake_segment(model, vol):
+        seen.append(model.net)
+        return vol.image[0]
+
+    monkeypatch.setattr(inference, "segment", fake_segment)
+    vols = [SimpleNamespace(image=torch.zeros(1, 4, 8, 8).numpy())] * 2
+    rate = prof.eval_throughput(net, cfg, vols, ["bg", "a", "b"], torch.device("cpu"), rounds=3)
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    assert len(seen) == 1 + 3 * 2 and rate > 0  # one warm-up volume, then 3 rounds over both
+    assert all(m is seen[0] and m is not net and not m.training for m in seen)
+    assert not any(isinstance(m, bn) for m in seen[0].modules())  # folded, as load_model folds
+    assert net.training and any(isinstance(m, bn) for m in net.modules())  # the trained network is untouched
+
+
 def test_profile_against_an_earlier_profile_gives_the_speedup_per_method_and_config(tmp_path, monkeypatch):
     fake_peak = {"conv2d_fp32_flops": 2e11, "conv2d_bf16_flops": 1e11, "conv3d_fp32_flops": 2e11,
                  "conv3d_bf16_flops": 1e11, "peak_flops": 2e11, "native_bf16": False}
