@@ -136,15 +136,13 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
 
 def eval_throughput(net: torch.nn.Module, cfg, volumes, class_names, device, rounds: int = 3) -> float:
     """Volumes per second of whole-volume inference as ``evaluate`` / ``predict`` run it (slice-wise or sliding
-    window, on a copy of ``net`` with its BatchNorms folded, as :func:`load_model` folds them): the fastest of
+    window, on a copy of ``net`` prepared as :func:`load_model` prepares it): the fastest of
     ``rounds`` passes over ``volumes``, after one warm-up volume. ``net`` itself is left as it was."""
     import copy
 
-    from frugalseg.eval.inference import TrainedModel, segment
-    from frugalseg.nn.fold import fold_batchnorm
+    from frugalseg.eval.inference import TrainedModel, prepare_for_inference, segment
 
-    folded = copy.deepcopy(net).eval()
-    fold_batchnorm(folded)
+    folded = prepare_for_inference(copy.deepcopy(net))
     model = TrainedModel(folded, cfg, list(class_names), volumes[0].image.shape[0], device)
     segment(model, volumes[0])  # warm-up
     best = math.inf
