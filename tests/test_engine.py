@@ -214,6 +214,18 @@ def test_compiled_network_computes_what_the_eager_one_does_and_falls_back_where_
     assert said == ["train.compile: compilation is unavailable here (RuntimeError); training eagerly"]
 
 
+def test_a_compiled_run_is_not_spoilt_by_an_earlier_compilation_of_the_same_network_code(tmp_path):
+    """Dynamo keys its cache on code: after the same U-Net code ran compiled at other shapes in this process (a
+    benchmark's earlier cell), a new compiled run used to get symbolic shapes, which inductor failed on."""
+    earlier = torch.compile(UNet(2, 1, 2, (8, 16, 32)), backend="eager")
+    for size in (16, 24):
+        earlier(torch.randn(2, 1, size, size))
+    method, sampler, opt, sched, cfg = _setup(steps=3)
+    cfg.train.compile = True
+    result = fit(method, sampler.batch, opt, sched, cfg.train, tmp_path, torch.device("cpu"), show_progress=False)
+    assert math.isfinite(result.last_loss) and result.last_loss > 0
+
+
 def test_a_network_that_fails_to_compile_stops_the_run_in_one_line(tmp_path, monkeypatch):
     """Compilation is lazy: where the probe compiles but the network's step does not (an inductor error in its
     backward, as the 8-128 U-Net's was), fit stops with one line naming the switch, not a traceback."""

@@ -186,7 +186,12 @@ def _net_state(method: nn.Module) -> dict[str, torch.Tensor]:
 def compile_network(net: nn.Module, notify: Callable[[str], None] | None = None) -> bool:
     """Compile ``net``'s forward in place (``nn.Module.compile``: the parameters and the state dict are the
     network's own). Returns whether it did: where a tiny probe does not compile (no C compiler, ...) the network
-    stays eager and ``notify`` hears why."""
+    stays eager and ``notify`` hears why.
+
+    What earlier compilations in this process left behind is dropped first: dynamo keys its cache on the code, not
+    on the network, so a second run of the same network code (a benchmark's next cell) would otherwise find its
+    shapes changed and compile them as symbolic ones, which inductor fails on for some convolutions."""
+    torch._dynamo.reset()
     try:
         probe = torch.compile(lambda x: torch.relu(x) * 2)
         probe(torch.ones(2))
