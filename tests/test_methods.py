@@ -1,6 +1,7 @@
 """Every registered method: a two-step CPU smoke test on synthetic data, in 2-D and 3-D, assembled exactly as a run
 assembles it; and the contract every method keeps."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -29,6 +30,32 @@ def _teachers(method: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return out
 
 
+@contextlib.contextmanager
+def _parts_called_apart(net: torch.nn.Module):
+    """Records the names of ``net``'s parts (``encode``, ``decode``) called outside its own forward."""
+    apart, depth = [], [0]
+
+    def watch(name, fn):
+        def call(*args, **kwargs):
+            if not depth[0]:
+                apart.append(name)
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return call
+
+    for name in ("forward", "encode", "decode"):
+        setattr(net, name, watch(name if name != "forward" else "", getattr(net, name)))
+    try:
+        yield apart
+    finally:
+        for name in ("forward", "encode", "decode"):
+            delattr(net, name)
+    apart[:] = [a for a in apart if a]
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("dims", [2, 3])
 def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
@@ -47,8 +74,11 @@ def test_two_steps(name, dims, phantoms_2d, phantoms_3d, tmp_path):
     opt = build_optimizer(method.parameters(), cfg.optim)
     fit(method, sampler.batch, opt, build_scheduler(opt, 2, cfg.optim), cfg.train, tmp_path,
         torch.device("cpu"), show_progress=False)
-    out = method.training_step(dict(sampler.batch(9).items()), 1.0)
+    with _parts_called_apart(method.net) as apart:
+        out = method.training_step(dict(sampler.batch(9).items()), 1.0)
     assert torch.isfinite(out.loss)
+    # what train.compile relies on: a step that calls encode / decode outside the network's forward declares it
+    assert stage.spec.network_parts == bool(apart), apart
     moved = [k for k, v in method.net.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert moved, "no parameter moved"
     if stage.spec.kind == PRETRAIN:
@@ -106,3 +136,30 @@ def test_selfreg_switches_on_for_a_training_method(name, phantoms_2d, tmp_path):
     train(phantoms_2d, name, 1, 0, tmp_path / "run", sets=sets, show_progress=False)
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert logs and all(x["loss_selfreg_ifd"] > 0 and x["loss_selfreg_scr"] > 0 for x in logs)
+
+
+def test_train_compile_leaves_a_method_that_calls_the_networks_parts_eager_and_says_so(phantoms_2d, tmp_path,
+                                                                                       monkeypatch):
+    """UniMatch decodes the encoder's features itself and calls the whole network on its strong views: with the
+    forward compiled, a BatchNorm ran compiled and eagerly in one step and the backward failed ("modified by an
+    inplace operation"). Such a method trains eagerly under train.compile, and says so."""
+    from frugalseg.engine import trainer
+
+    def compile_cheaply(net, notify=None):  # the same graphs as inductor's, without generating C++
+        net.compile(backend="aot_eager")
+        return True
+
+    monkeypatch.setattr(trainer, "compile_network", compile_cheaply)
+    src = open_source(phantoms_2d)
+    cfg = build_config(2, None, [*TINY, "data.patch_size=[32,32]", "train.compile=true", "model.norm=batch"],
+                       data_format=src.format, method="unimatch")
+    stage = assemble("unimatch", cfg, src, few_label_split(src, 2, 0), seed=0)
+    assert stage.spec.network_parts
+    said = []
+    opt = build_optimizer(stage.module.parameters(), cfg.optim)
+    result = fit(stage.module, stage.sampler.batch, opt, build_scheduler(opt, 2, cfg.optim), cfg.train, tmp_path,
+                 torch.device("cpu"), show_progress=False, notify=said.append)
+    assert torch.isfinite(torch.tensor(result.last_loss))
+    assert said == ["train.compile: UniMatch calls the network's encoder and decoder apart, which compiling the "
+                    "network does not cover; training eagerly"]
+    assert stage.module.net._compiled_call_impl is None

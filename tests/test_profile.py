@@ -318,3 +318,18 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again_each_step():
     # glibc's defaults map 1 MiB blocks afresh and return them on free: ~16k page faults per step of 64 MiB
     assert left_faults > 2000
     assert kept_faults < left_faults / 5
+
+
+def test_the_table_names_the_rows_that_trained_eagerly_although_compilation_was_asked():
+    row = {"patch": [8, 8], "batch": 2, "precision": "bf16", "seconds_per_step": 0.5, "samples_per_second": 4.0,
+           "data_fraction": 0.05, "achieved_flops": 1e11, "fraction_of_peak": 0.5, "peak_rss_mb": 100.0}
+    peak = {"conv2d_fp32_flops": 2e11, "conv3d_fp32_flops": 2e11, "peak_flops": 2e11, "native_bf16": False}
+    runs = [{**row, "method": "supervised", "config": "default-2d", "compile": True, "compiled": True},
+            {**row, "method": "unimatch", "config": "default-2d", "compile": True, "compiled": False},
+            {**row, "method": "unimatch", "config": "default-3d", "compile": True, "compiled": False}]
+    table = prof.format_table({"threads": 2, "torch": "x", "set": ["train.compile=true"], "peak": peak, "runs": runs})
+    assert ("trained eagerly although train.compile is set (the step calls the network's parts, or compilation is "
+            "unavailable): unimatch 2d, unimatch 3d") in table
+    eager_asked = [{**r, "compile": False, "compiled": False} for r in runs]  # nothing asked: nothing to say
+    table = prof.format_table({"threads": 2, "torch": "x", "set": [], "peak": peak, "runs": eager_asked})
+    assert "trained eagerly" not in table

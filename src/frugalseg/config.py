@@ -116,7 +116,8 @@ class TrainConfig:
     precision: str = "auto"
     # compile the network's forward and backward with torch.compile (inductor); falls back to eager, with a note,
     # where compilation is unavailable (no C compiler); operators it cannot trace run eagerly; a training step or a
-    # validation whose compilation fails stops the run with one line
+    # validation whose compilation fails stops the run with one line. Methods whose step calls the network's encoder
+    # and decoder apart (byol, gcl, lcl, patchcl, pcrlv2, unimatch, voco) train eagerly, with a note
     compile: bool = False
     channels_last: bool = True
     log_every: int = 10

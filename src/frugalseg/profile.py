@@ -125,6 +125,7 @@ def profile_config(spatial_dims: int, method: str = "supervised", steps: int = 8
     return {
         "config": f"default-{spatial_dims}d", "method": method, "patch": list(cfg.data.patch_size),
         "batch": cfg.data.batch_size, "precision": precision, "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile, "compiled": runner.compiled,
         "seconds_per_step": med, "samples_per_second": cfg.data.batch_size / med,
         "data_fraction": sum(data_times) / sum(step_times), "data_workers": workers,
         "flops_per_step": flops, "achieved_flops": flops / med,
@@ -283,6 +284,11 @@ def format_table(result: dict) -> str:
     if any(workers):
         lines.append(f"data %: waiting for batches made ahead by background workers (data.workers = "
                      f"{', '.join(map(str, workers))})")
+    eager = [f"{r['method']} {r['config'].removeprefix('default-')}" for r in result["runs"]
+             if r.get("compile") and not r.get("compiled")]
+    if eager:
+        lines.append(f"trained eagerly although train.compile is set (the step calls the network's parts, or "
+                     f"compilation is unavailable): {', '.join(eager)}")
     if against:
         a = result["against"]
         lines.append(f"x step, x eval: speed-up over {a['file']}" + (f" (--set {' '.join(a['set'])})" if a["set"]

@@ -123,7 +123,7 @@ class StepRunner:
                                                   find_unused_parameters=method.spec.partial_graph)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.precision = resolve_precision(cfg.precision, device)
-        self.compiled = cfg.compile and compile_network(method.net, notify)
+        self.compiled = cfg.compile and _compilable(method, notify) and compile_network(method.net, notify)
 
     def autocast(self):
         return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
@@ -201,6 +201,18 @@ def compile_network(net: nn.Module, notify: Callable[[str], None] | None = None)
         return False
     net.compile()
     return True
+
+
+def _compilable(method: nn.Module, notify: Callable[[str], None] | None) -> bool:
+    """Whether ``train.compile`` can compile ``method``'s network: not where its step calls the network's parts
+    (``MethodSpec.network_parts``), which the compiled forward would not cover and whose BatchNorms, run compiled
+    and eagerly in one step, break the backward."""
+    if not method.spec.network_parts:
+        return True
+    if notify is not None:
+        notify(f"train.compile: {type(method).__name__} calls the network's encoder and decoder apart, which "
+               "compiling the network does not cover; training eagerly")
+    return False
 
 
 def _agree_on_strides(method: nn.Module) -> None:

@@ -69,6 +69,10 @@ class MethodSpec:
             :class:`~frugalseg.data.mixing.BoxSpec`), or ``None``.
         min_batch_size: the smallest ``data.batch_size`` the method works with (pairs within a batch, BatchNorm
             over the batch in a head).
+        network_parts: the step calls the network's ``encode`` / ``decode`` apart, not only the network as a whole.
+            ``train.compile`` compiles the network's forward, which such a step would mostly not use, and a
+            BatchNorm run both compiled and eagerly in one step breaks its backward (the compiled graph writes the
+            running statistics the eager pass saved): such a method trains eagerly, and says so.
     """
 
     kind: Literal["pretrain", "train"]
@@ -80,6 +84,7 @@ class MethodSpec:
     sampler: Callable[..., Any] | None = None
     boxes: BoxSpec | None = None
     min_batch_size: int = 1
+    network_parts: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in (PRETRAIN, TRAIN):

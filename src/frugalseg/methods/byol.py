@@ -45,7 +45,7 @@ class BYOL(Method):
     @classmethod
     def declare(cls, options: BYOLOptions) -> MethodSpec:
         # two augmented views of the same crops; the segmentation head gets no gradient
-        return MethodSpec(kind=PRETRAIN, stream=Stream(views=2), partial_graph=True)
+        return MethodSpec(kind=PRETRAIN, stream=Stream(views=2), partial_graph=True, network_parts=True)
 
     def __init__(self, net: nn.Module, options: BYOLOptions | None = None) -> None:
         super().__init__(net, options)

@@ -56,7 +56,7 @@ class GlobalContrastive(Method):
         # G^R draws random slices (SimCLR); G^D- and G^D batches hold one slice of each partition of a few volumes
         parts = 0 if options.strategy == "GR" else options.partitions
         return MethodSpec(kind=PRETRAIN, spatial_dims=(2,), stream=Stream(views=2, partitions=parts),
-                          partial_graph=True)
+                          partial_graph=True, network_parts=True)
 
     def __init__(self, net: nn.Module, options: GlobalContrastiveOptions | None = None) -> None:
         super().__init__(net, options)

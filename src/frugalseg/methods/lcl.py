@@ -56,7 +56,7 @@ class LocalContrastive(Method):
         # LR: any slices; LD: same-partition slices of several volumes. Both: the views share positions.
         parts = options.partitions if options.strategy == "LD" else 0
         return MethodSpec(kind=PRETRAIN, spatial_dims=(2,), partial_graph=True,
-                          stream=Stream(views=2, shared_spatial=True, partitions=parts))
+                          stream=Stream(views=2, shared_spatial=True, partitions=parts), network_parts=True)
 
     def __init__(self, net: nn.Module, options: LocalContrastiveOptions | None = None) -> None:
         super().__init__(net, options)

@@ -98,7 +98,8 @@ class PatchCL(Method):
     @classmethod
     def declare(cls, options: PatchCLOptions) -> MethodSpec:
         # some trainable parameters get no gradient in a step; decoder features at the patch's size
-        return MethodSpec(kind=TRAIN, unlabelled=TEACHER_STUDENT_VIEWS, partial_graph=True, decoder_maps=True)
+        return MethodSpec(kind=TRAIN, unlabelled=TEACHER_STUDENT_VIEWS, partial_graph=True, decoder_maps=True,
+                          network_parts=True)
 
     def __init__(self, net: nn.Module, options: PatchCLOptions | None = None) -> None:
         super().__init__(net, options)

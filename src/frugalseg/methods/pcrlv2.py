@@ -73,7 +73,7 @@ class PCRLv2(Method):
 
         # the segmentation head of the U-Net is not trained here
         # its projectors are BatchNorm over the batch: at least 2 samples
-        return MethodSpec(kind=PRETRAIN, partial_graph=True, sampler=sampler, min_batch_size=2)
+        return MethodSpec(kind=PRETRAIN, partial_graph=True, sampler=sampler, min_batch_size=2, network_parts=True)
 
     def __init__(self, net: nn.Module, options: PCRLv2Options | None = None) -> None:
         super().__init__(net, options)

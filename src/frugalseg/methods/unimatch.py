@@ -84,7 +84,7 @@ class UniMatch(Method):
 
     @classmethod
     def declare(cls, options: UniMatchOptions) -> MethodSpec:
-        return MethodSpec(kind=TRAIN, unlabelled=Stream(strong_views=2), boxes=CUTMIX)
+        return MethodSpec(kind=TRAIN, unlabelled=Stream(strong_views=2), boxes=CUTMIX, network_parts=True)
 
     def __init__(self, net: nn.Module, options: UniMatchOptions | None = None) -> None:
         super().__init__(net, options)

@@ -71,7 +71,7 @@ class VoCo(Method):
             return VoCoSampler(volumes, patch_size, seed, volumes_per_step=options.volumes_per_step,
                                crops=options.crops, grid=options.grid)
 
-        return MethodSpec(kind=PRETRAIN, spatial_dims=(3,), partial_graph=True, sampler=sampler)
+        return MethodSpec(kind=PRETRAIN, spatial_dims=(3,), partial_graph=True, sampler=sampler, network_parts=True)
 
     def __init__(self, net: nn.Module, options: VoCoOptions | None = None) -> None:
         super().__init__(net, options)
