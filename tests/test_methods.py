@@ -143,7 +143,10 @@ def test_train_compile_leaves_a_method_that_calls_the_networks_parts_eager_and_s
     """UniMatch decodes the encoder's features itself and calls the whole network on its strong views: with the
     forward compiled, a BatchNorm ran compiled and eagerly in one step and the backward failed ("modified by an
     inplace operation"). Such a method trains eagerly under train.compile, and says so."""
+    import json
+
     from frugalseg.engine import trainer
+    from frugalseg.run import train
 
     def compile_cheaply(net, notify=None):  # the same graphs as inductor's, without generating C++
         net.compile(backend="aot_eager")
@@ -162,4 +165,9 @@ def test_train_compile_leaves_a_method_that_calls_the_networks_parts_eager_and_s
     assert torch.isfinite(torch.tensor(result.last_loss))
     assert said == ["train.compile: UniMatch calls the network's encoder and decoder apart, which compiling the "
                     "network does not cover; training eagerly"]
-    assert stage.module.net._compiled_call_impl is None
+    assert stage.module.net._compiled_call_impl is None and not result.compiled
+    # run.json says whether the network ran compiled: yes for a method that calls it whole, no for UniMatch
+    for name, compiled in (("supervised", True), ("unimatch", False)):
+        train(phantoms_2d, name, 1, 0, tmp_path / name, show_progress=False,
+              sets=[*TINY, "data.spatial_dims=2", "data.patch_size=[32,32]", "train.compile=true", "train.steps=1"])
+        assert json.loads((tmp_path / name / "run.json").read_text())["compiled"] is compiled

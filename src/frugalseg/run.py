@@ -332,6 +332,7 @@ def _run_locked(req: RunRequest, cfg, source, split, init, meta, device, show_pr
     meta["data_workers"] = workers
     meta["device"] = str(device)
     meta["precision"] = precision
+    meta["compiled"] = result.compiled  # train.compile asked and done (not for a method that calls the net's parts)
     write_json_atomic(meta, out / RUN_MARKER)
     if not req.keep_checkpoint:  # the full training state is no longer needed once model.pt is written
         for name in (CHECKPOINT, PREVIOUS):

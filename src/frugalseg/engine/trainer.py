@@ -59,6 +59,7 @@ class FitResult:
     steps: int
     seconds: float
     last_loss: float
+    compiled: bool = False  # the network ran compiled (train.compile, where it applies and compilation is available)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict:
@@ -352,4 +353,5 @@ def fit(
         log.close()
     dist.barrier()  # rank 0's last checkpoint is on disk before any rank moves on
     seconds = before + time.perf_counter() - t0 - val_time  # the whole run's training time, across resumes
-    return FitResult(steps=total - start, seconds=seconds, last_loss=last_loss if math.isfinite(last_loss) else 0.0)
+    return FitResult(steps=total - start, seconds=seconds, last_loss=last_loss if math.isfinite(last_loss) else 0.0,
+                     compiled=runner.compiled)
