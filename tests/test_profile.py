@@ -333,3 +333,31 @@ def test_the_table_names_the_rows_that_trained_eagerly_although_compilation_was_
     eager_asked = [{**r, "compile": False, "compiled": False} for r in runs]  # nothing asked: nothing to say
     table = prof.format_table({"threads": 2, "torch": "x", "set": [], "peak": peak, "runs": eager_asked})
     assert "trained eagerly" not in table
+
+
+def test_a_config_that_fails_unexpectedly_keeps_its_traceback_and_the_profile_still_measures_the_rest(tmp_path,
+                                                                                                      monkeypatch):
+    fake_peak = {"conv2d_fp32_flops": 2e11, "conv3d_fp32_flops": 2e11, "peak_flops": 2e11, "native_bf16": False}
+
+    def fake_run(dims, method, steps, warmup, sets, threads):
+        if dims == 3:  # as a worker process's exception arrives: its traceback as the cause
+            exc = RuntimeError("one of the variables needed for gradient computation has been modified\nmore")
+            exc.__cause__ = Exception('Traceback (most recent call last):\n  File "step.py", line 1, in backward')
+            raise exc
+        return {"config": f"default-{dims}d", "method": method, "patch": [8] * dims, "batch": 2, "precision": "fp32",
+                "channels_last": True, "seconds_per_step": 0.5, "samples_per_second": 4.0, "data_fraction": 0.05,
+                "flops_per_step": int(5e10), "achieved_flops": 1e11, "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(prof, "_in_fresh_process", lambda fn, *a: fake_peak if fn is prof._peak_job else fake_run(*a))
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(app, ["profile", "--methods", "supervised", "--out", str(out)])
+    assert result.exit_code == 1
+    runs = json.loads(out.read_text())["runs"]  # written whole: the measured row and the failed one
+    assert runs[0]["fraction_of_peak"] == pytest.approx(0.5)
+    assert runs[1] == {"config": "default-3d", "method": "supervised", "unexpected": True,
+                       "error": "RuntimeError: one of the variables needed for gradient computation has been modified"}
+    assert "supervised 3-D failed unexpectedly (please report it)" in result.output
+    assert 'File "step.py", line 1, in backward' in result.output
+    assert result.output.rstrip().splitlines()[-1] == (
+        "error: 1 config(s) failed unexpectedly, with the traceback above: supervised default-3d; the other rows "
+        "are measured")

@@ -502,6 +502,10 @@ def profile(
         except OSError as exc:
             raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
         typer.echo(f"written {out}")
+    faults = [f"{r['method']} {r['config']}" for r in result["runs"] if r.get("unexpected")]
+    if faults:
+        _fail(f"{len(faults)} config(s) failed unexpectedly, with the traceback above: {', '.join(faults)}; the "
+              "other rows are measured", 1)
 
 
 @app.command("config", cls=_Command)

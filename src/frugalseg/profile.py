@@ -200,6 +200,14 @@ def profile_all(steps: int = 8, methods: list[str] | None = None, dims: tuple[in
                 runs.append({"config": f"default-{d}d", "method": method, "error": str(exc)})
                 if progress is not None:
                     progress(f"  {method} {d}-D failed: {exc}")
+            except Exception as exc:  # a fault of frugalseg or PyTorch in one config: kept, with its traceback
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                runs.append({"config": f"default-{d}d", "method": method, "error": f"{type(exc).__name__}: {first}",
+                             "unexpected": True})
+                if progress is not None:
+                    remote = str(exc.__cause__ or "").strip()  # the worker process's traceback
+                    progress(f"  {method} {d}-D failed unexpectedly (please report it): {type(exc).__name__}: "
+                             f"{first}" + (f"\n{remote}" if remote else ""))
             run_dims.append(d)
     if progress is not None:
         progress("measuring the convolution peak")
